@@ -1,0 +1,1 @@
+"""onnx_lower: lower ONNX CNNs to networks of MatMul, Add and Relu."""

@@ -1,0 +1,83 @@
+"""Errors a user of onnx_lower can meet.
+
+Every failure a user can cause is a :class:`LoweringError` subclass with an actionable message.
+The CLI prints ``error: <message>`` and exits with :attr:`LoweringError.exit_code` (2 for bad
+input or unsupported models); only ``-v`` shows a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoweringError",
+    "InvalidModelError",
+    "OutputPathError",
+    "UnsupportedOpError",
+    "BudgetExceededError",
+    "DynamicShapeError",
+    "PassVerificationError",
+]
+
+
+class LoweringError(Exception):
+    """Base class of every error onnx_lower raises on purpose."""
+
+    exit_code: int = 2
+
+
+class InvalidModelError(LoweringError):
+    """The input is missing, unreadable, not ONNX, or fails the ONNX checker."""
+
+
+class OutputPathError(LoweringError):
+    """The output path cannot be written (same as the input, missing folder, ...)."""
+
+
+class UnsupportedOpError(LoweringError):
+    """A node cannot be expressed in the requested form."""
+
+    def __init__(self, node_name: str, op_type: str, form: str, reason: str = "", hint: str = ""):
+        self.node_name, self.op_type, self.form = node_name, op_type, form
+        msg = f"node '{node_name}' ({op_type}) cannot be lowered to the {form} form"
+        if reason:
+            msg += f": {reason}"
+        if hint:
+            msg += f". {hint}"
+        super().__init__(msg)
+
+
+class BudgetExceededError(LoweringError):
+    """The emitted weights would exceed ``--max-weight-mb``."""
+
+    def __init__(self, layer: str, needed_bytes: int, budget_bytes: int, total_bytes: int | None = None):
+        self.layer, self.needed_bytes, self.budget_bytes = layer, needed_bytes, budget_bytes
+        self.total_bytes = total_bytes
+        mb = 1024 * 1024
+        total = f"; all layers together need {total_bytes / mb:,.1f} MB" if total_bytes else ""
+        super().__init__(
+            f"layer '{layer}' needs {needed_bytes / mb:,.1f} MB of dense weights{total}, over the "
+            f"budget of {budget_bytes / mb:,.1f} MB. Raise --max-weight-mb, or use --form im2col "
+            f"(or --form auto) to keep large layers as Gather+MatMul"
+        )
+
+
+class DynamicShapeError(LoweringError):
+    """A non-batch dimension is not static."""
+
+    def __init__(self, tensor: str, axis: int, dim: object, form: str = "mlp"):
+        self.tensor, self.axis, self.dim = tensor, axis, dim
+        super().__init__(
+            f"input '{tensor}' has a dynamic dimension {axis} ({dim!r}); the {form} form needs every "
+            f"dimension but the batch (axis 0) to be static. Fix it with "
+            f"`python -m onnxruntime.tools.make_dynamic_shape_fixed --dim_param {dim} --dim_value N` "
+            f"or re-export the model with a static shape"
+        )
+
+
+class PassVerificationError(LoweringError):
+    """``verify_each`` found the model broken after a pass: a bug in that pass."""
+
+    exit_code = 3
+
+    def __init__(self, pass_name: str, detail: str):
+        self.pass_name = pass_name
+        super().__init__(f"the model is invalid after pass '{pass_name}': {detail}")

@@ -1,0 +1,191 @@
+"""Thin helpers around onnx-graphsurgeon: the only module that converts to and from protobuf.
+
+Passes edit ``gs.Graph`` objects through these helpers and never touch protobuf. The conventions:
+
+- Activations carry their batch dimension first. Every other dimension of a tensor that a form
+  lowers must be static; :func:`sample_shape` returns those dimensions or raises
+  :class:`~onnx_lower.errors.DynamicShapeError`.
+- Internal nodes (domain :data:`INTERNAL_DOMAIN`) carry Python payloads in ``node.attrs``; when
+  the graph is exported before emission (``--dump-after``), payloads are replaced by a summary.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from .errors import DynamicShapeError
+
+__all__ = [
+    "INTERNAL_DOMAIN",
+    "DEFAULT_DOMAINS",
+    "is_op",
+    "import_graph",
+    "export_model",
+    "const_value",
+    "sample_shape",
+    "batch_dim",
+    "all_graphs",
+    "count_nodes",
+    "op_counts",
+    "attr",
+    "producer",
+    "is_graph_output",
+    "detach",
+    "Namer",
+]
+
+#: Domain of onnx_lower's internal nodes; none survives emission.
+INTERNAL_DOMAIN = "ai.onnx_lower"
+#: Spellings of ONNX's default domain (onnx-graphsurgeon reports it as None).
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+G_LOGGER.severity = G_LOGGER.ERROR
+
+
+def is_op(node: gs.Node, *ops: str) -> bool:
+    """``node`` is one of ``ops`` in the default ONNX domain."""
+    return node.op in ops and node.domain in DEFAULT_DOMAINS
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with the metadata of ``like`` (ir_version, opsets, producer, metadata).
+
+    Internal payloads are summarised into plain attributes so the result always serialises.
+    """
+    internal = [n for g in all_graphs(graph) for n in g.nodes if n.domain == INTERNAL_DOMAIN]
+    saved = [(n, n.attrs) for n in internal]
+    for n in internal:
+        n.attrs = {k: _summarise(v) for k, v in n.attrs.items()}
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for n, attrs in saved:
+            n.attrs = attrs
+    model.ir_version = like.ir_version
+    model.producer_name = like.producer_name
+    model.producer_version = like.producer_version
+    model.domain = like.domain
+    model.model_version = like.model_version
+    model.doc_string = like.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    del model.opset_import[:]
+    model.opset_import.extend(copy.deepcopy(like.opset_import))
+    if internal and not any(o.domain == INTERNAL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(INTERNAL_DOMAIN, 1))
+    return model
+
+
+def _summarise(value):
+    if isinstance(value, (int, float, str, list, tuple, np.ndarray, gs.Tensor, gs.Graph)):
+        return value
+    summary = getattr(value, "summary", None)
+    return summary() if callable(summary) else str(value)
+
+
+def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph, every subgraph (If/Loop/Scan bodies) at any depth, and model-local functions."""
+    stack = [graph, *getattr(graph, "functions", [])]
+    while stack:
+        g = stack.pop(0)
+        yield g
+        for node in g.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    stack.append(value)
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in all_graphs(graph))
+
+
+def op_counts(graph: gs.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for g in all_graphs(graph):
+        for n in g.nodes:
+            key = n.op if n.domain in DEFAULT_DOMAINS else f"{n.domain}::{n.op}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and is_op(node, "Constant"):
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+        for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+            if key in node.attrs:
+                return np.asarray(node.attrs[key], dtype=dtype)
+        for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+            if key in node.attrs:
+                return np.asarray(list(node.attrs[key]), dtype=dtype)
+    return None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def batch_dim(tensor: gs.Tensor):
+    """The first dimension (an int or a symbolic name)."""
+    return tensor.shape[0] if tensor.shape else None
+
+
+def sample_shape(tensor: gs.Tensor, form: str = "mlp") -> tuple[int, ...]:
+    """Shape without the batch dimension; every entry must be a static int."""
+    shape = tensor.shape
+    if shape is None:
+        raise DynamicShapeError(tensor.name, -1, "unknown rank", form)
+    dims = []
+    for axis, d in enumerate(shape[1:], start=1):
+        if not isinstance(d, (int, np.integer)) or d < 0:
+            raise DynamicShapeError(tensor.name, axis, d, form)
+        dims.append(int(d))
+    return tuple(dims)
+
+
+def attr(node: gs.Node, name: str, default=None):
+    """An attribute with its ONNX default; strings come back as ``str``."""
+    value = node.attrs.get(name, default)
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect ``node``; ``graph.cleanup()`` later drops it."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+class Namer:
+    """Deterministic fresh names: ``base``, ``base_1``, ``base_2`` … unused in the graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = {t for t in graph.tensors().keys()} | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name

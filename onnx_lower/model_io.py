@@ -1,0 +1,162 @@
+"""Loading and saving models: the one place that touches files.
+
+Loading accepts a path or a ``ModelProto`` and honours external data. Saving is atomic: the model
+(and its external data file, if any) is written into a temporary folder beside the target and
+moved into place with ``os.replace``; nothing is left behind on failure. The input file is never
+overwritten. Models over 2 GB, or any model when asked, are saved with external data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import InvalidModelError, OutputPathError
+
+__all__ = ["load_model", "save_model", "MIN_OPSET", "PROTOBUF_LIMIT"]
+
+#: Oldest default-domain opset the tool accepts (opset 7 fixed broadcasting to numpy's rules).
+MIN_OPSET = 7
+#: Protobuf's hard limit on one serialised message.
+PROTOBUF_LIMIT = 2**31 - 1
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+    """Load and check a model; every failure is an :class:`InvalidModelError`."""
+    if isinstance(source, onnx.ModelProto):
+        model, where = source, "the model"
+    else:
+        path = Path(source)
+        where = f"'{path}'"
+        if not path.exists():
+            raise InvalidModelError(f"{where} does not exist")
+        if path.is_dir():
+            raise InvalidModelError(f"{where} is a folder, not an ONNX file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning...
+            raise InvalidModelError(
+                f"{where} is not a readable ONNX model ({type(exc).__name__}: "
+                f"{_first_line(exc)}); check that the file is complete and is an .onnx file"
+            ) from None
+        _load_external(model, path)
+    if not model.HasField("graph") or not model.graph.node and not model.graph.output:
+        raise InvalidModelError(f"{where} has no graph; is it really an ONNX model?")
+    opset = default_opset(model)
+    if opset is not None and opset < MIN_OPSET:
+        raise InvalidModelError(
+            f"{where} uses opset {opset}; onnx_lower needs opset {MIN_OPSET} or newer. Convert it "
+            f"with onnx.version_converter.convert_version(model, 13)"
+        )
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise InvalidModelError(
+                f"{where} fails the ONNX checker: {_first_line(exc)}"
+            ) from None
+    return model
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not tensors:
+        return
+    base = path.parent
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), None)
+        if location and not (base / location).exists():
+            raise InvalidModelError(
+                f"'{path}' keeps tensor '{t.name}' in external data file '{location}', which is "
+                f"missing beside it; copy the .data file next to the model"
+            )
+    try:
+        load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise InvalidModelError(f"cannot read the external data of '{path}': {exc}") from None
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """Version of the default ('' or 'ai.onnx') domain, or None if absent."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    Uses external data (``<name>.data`` beside the model) when ``external_data`` is set or the
+    model would exceed protobuf's 2 GB limit.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"the output folder '{parent}' does not exist; create it first")
+    if target.is_dir():
+        raise OutputPathError(f"the output path '{target}' is a folder; give a file name")
+    if input_path is not None and _same_file(target, Path(input_path)):
+        raise OutputPathError(
+            f"the output path '{target}' is the input model; choose another output file"
+        )
+    if not external_data:
+        try:
+            external_data = model.ByteSize() > PROTOBUF_LIMIT
+        except Exception:  # ByteSize itself may fail beyond 2 GB
+            external_data = True
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        tmp_model = tmpdir / target.name
+        if external_data:
+            location = target.name + ".data"
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=location,
+                size_threshold=1024,
+            )
+            if (tmpdir / location).exists():
+                os.replace(tmpdir / location, parent / location)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, target)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write '{target}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

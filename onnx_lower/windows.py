@@ -1,0 +1,165 @@
+"""Sliding windows over N-d grids: the index arithmetic shared by every conv and pool.
+
+For one spatial axis of extent ``n`` with kernel ``k``, stride ``s``, dilation ``d`` and pads
+``(b, e)`` the dilated kernel spans ``dk = (k - 1)·d + 1`` positions and
+
+    out = floor((n + b + e - dk) / s) + 1                          (ceil_mode = 0)
+    out = ceil((n + b + e - dk) / s) + 1, minus one if the last
+          window would start past the padded input, i.e. if
+          (out - 1)·s >= n + b                                      (ceil_mode = 1)
+
+Window ``o``, tap ``t`` reads input position ``p = o·s - b + t·d``. Positions outside ``[0, n)``
+are padding. For several axes the windows are the Cartesian product of the per-axis ones, and the
+flat (C-order) input index of a tap is ``Σ_i p_i · stride_i``.
+
+``auto_pad`` follows the ONNX spec (https://onnx.ai/onnx/operators/onnx__Conv.html#attributes):
+SAME_UPPER/SAME_LOWER pad so that ``out = ceil(n / s)``; the odd pad goes at the end for
+SAME_UPPER and at the beginning for SAME_LOWER. VALID means no padding.
+
+Everything here is vectorised numpy; no Python loop runs over output positions or taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["Windows", "sliding_windows", "resolve_pads", "output_extent"]
+
+
+def output_extent(n: int, k: int, s: int, d: int, b: int, e: int, ceil_mode: bool = False) -> int:
+    """Number of windows along one axis (see the module docstring)."""
+    dk = (k - 1) * d + 1
+    span = n + b + e - dk
+    if span < 0:
+        return 0
+    if not ceil_mode:
+        return span // s + 1
+    out = -(-span // s) + 1
+    if (out - 1) * s >= n + b:
+        out -= 1
+    return out
+
+
+def resolve_pads(
+    in_shape: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    auto_pad: str | bytes = "NOTSET",
+) -> tuple[int, ...]:
+    """Explicit ``pads`` (all begins, then all ends) for an ONNX conv/pool node.
+
+    ``auto_pad`` of SAME_UPPER / SAME_LOWER / VALID overrides ``pads`` as the ONNX spec says.
+    Missing ``pads`` default to zeros, missing strides and dilations to ones.
+    """
+    r = len(kernel)
+    strides = tuple(strides or (1,) * r)
+    dilations = tuple(dilations or (1,) * r)
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    auto_pad = auto_pad or "NOTSET"
+    if auto_pad == "VALID":
+        return (0,) * (2 * r)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for n, k, s, d in zip(in_shape, kernel, strides, dilations):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+            small, big = total // 2, total - total // 2
+            b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+            begins.append(b)
+            ends.append(e)
+        return tuple(begins + ends)
+    if auto_pad != "NOTSET":
+        raise ValueError(f"unknown auto_pad {auto_pad!r}")
+    return tuple(pads) if pads is not None and len(pads) else (0,) * (2 * r)
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """The windows of one conv/pool over a spatial grid.
+
+    Attributes:
+        in_shape: spatial input extent.
+        out_shape: spatial output extent (number of windows per axis).
+        kernel: taps per axis.
+        positions: per axis, an int array ``(out_i, k_i)`` of the (unpadded) input coordinate each
+            tap reads; it may lie outside ``[0, in_i)`` where the tap is padding.
+        taps: int64 array ``(S_out, K)``: the flat input index of each tap, ``-1`` for padding.
+            Rows follow C-order over ``out_shape``, columns C-order over ``kernel``.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel: tuple[int, ...]
+    positions: tuple[np.ndarray, ...]
+    taps: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Boolean ``(S_out, K)``: the tap reads a real input element."""
+        return self.taps >= 0
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_shape)
+
+    def axis_product(self, per_axis: Sequence[np.ndarray]) -> np.ndarray:
+        """Combine per-axis ``(out_i, k_i)`` arrays into ``(S_out, K)`` by multiplication.
+
+        Useful for masks (``&`` on booleans) and separable divisors.
+        """
+        return _outer(per_axis, np.multiply).reshape(self.out_size, -1)
+
+
+def _outer(per_axis: Sequence[np.ndarray], op) -> np.ndarray:
+    """Broadcast per-axis ``(out_i, k_i)`` arrays to ``(out_1..out_r, k_1..k_r)`` and reduce."""
+    r = len(per_axis)
+    result = None
+    for i, a in enumerate(per_axis):
+        shape = [1] * (2 * r)
+        shape[i], shape[r + i] = a.shape
+        a = a.reshape(shape)
+        result = a if result is None else op(result, a)
+    return result
+
+
+def sliding_windows(
+    in_shape: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool = False,
+) -> Windows:
+    """All windows of a conv/pool over ``in_shape`` (spatial dims only), for any rank."""
+    in_shape, kernel = tuple(int(v) for v in in_shape), tuple(int(v) for v in kernel)
+    r = len(kernel)
+    if len(in_shape) != r:
+        raise ValueError(f"kernel rank {r} does not match spatial rank {len(in_shape)}")
+    strides = tuple(strides or (1,) * r)
+    dilations = tuple(dilations or (1,) * r)
+    pads = tuple(pads) if pads is not None and len(pads) else (0,) * (2 * r)
+    out_shape, positions, valid_axes = [], [], []
+    for i in range(r):
+        n, k, s, d, b, e = in_shape[i], kernel[i], strides[i], dilations[i], pads[i], pads[r + i]
+        out = output_extent(n, k, s, d, b, e, ceil_mode)
+        pos = np.arange(out, dtype=np.int64)[:, None] * s - b + np.arange(k, dtype=np.int64) * d
+        out_shape.append(out)
+        positions.append(pos)
+        valid_axes.append((pos >= 0) & (pos < n))
+    in_strides = np.cumprod((1,) + in_shape[::-1][:-1])[::-1]
+    flat = _outer([p * st for p, st in zip(positions, in_strides)], np.add)
+    valid = _outer(valid_axes, np.logical_and)
+    s_out, k_total = math.prod(out_shape), math.prod(kernel)
+    taps = np.where(valid, flat, -1).reshape(s_out, k_total).astype(np.int64, copy=False)
+    return Windows(in_shape, tuple(out_shape), kernel, tuple(positions), taps)
