@@ -51,11 +51,19 @@ def resolve_pads(
     dilations: Sequence[int] | None = None,
     pads: Sequence[int] | None = None,
     auto_pad: str | bytes = "NOTSET",
+    *,
+    negative_same: bool = False,
 ) -> tuple[int, ...]:
     """Explicit ``pads`` (all begins, then all ends) for an ONNX conv/pool node.
 
     ``auto_pad`` of SAME_UPPER / SAME_LOWER / VALID overrides ``pads`` as the ONNX spec says.
     Missing ``pads`` default to zeros, missing strides and dilations to ones.
+
+    When the kernel is shorter than the stride, the SAME total pad
+    ``(ceil(n/s) - 1)·s + dk - n`` can be negative. onnxruntime's Conv clamps it at 0 (the
+    default here); its AveragePool takes the spec formula literally (``negative_same=True``):
+    negative pads, i.e. windows shifted into the input, split by truncation toward zero
+    (begin ``trunc(total/2)`` for SAME_UPPER, ``trunc((total+1)/2)`` for SAME_LOWER).
     """
     r = len(kernel)
     strides = tuple(strides or (1,) * r)
@@ -69,11 +77,12 @@ def resolve_pads(
         begins, ends = [], []
         for n, k, s, d in zip(in_shape, kernel, strides, dilations):
             out = -(-n // s)
-            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-            small, big = total // 2, total - total // 2
-            b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+            total = (out - 1) * s + (k - 1) * d + 1 - n
+            if not negative_same:
+                total = max(0, total)
+            b = int((total if auto_pad == "SAME_UPPER" else total + 1) / 2)  # toward zero
             begins.append(b)
-            ends.append(e)
+            ends.append(total - b)
         return tuple(begins + ends)
     if auto_pad != "NOTSET":
         raise ValueError(f"unknown auto_pad {auto_pad!r}")

@@ -1,0 +1,419 @@
+"""Pooling as matrices and ReLU tournaments: the math behind the pooling passes.
+
+Every function here works on one sample; ``in_shape = (C, *spatial)`` has no batch dimension and
+tensors are flattened in C order, so channel ``c``, spatial flat index ``i`` sits at
+``c * S_in + i``. Window arithmetic comes from :func:`onnx_lower.windows.sliding_windows` (one
+window per output position; ``taps`` gives the flat input index of each tap, ``-1`` for padding).
+
+AveragePool (https://onnx.ai/onnx/operators/onnx__AveragePool.html) is linear:
+``y.ravel() = A @ x.ravel()`` with ``A[c*S_out + o, c*S_in + tap] = 1 / divisor(o)`` for every
+in-bounds tap of window ``o``. Padded taps contribute 0 to the sum; the divisor is
+
+* ``count_include_pad = 0``: the number of in-bounds taps of the window;
+* ``count_include_pad = 1``: the number of taps inside the *padded* input
+  ``[-pad_begin, n + pad_end)`` on every axis. The part of a ``ceil_mode`` window that overhangs
+  the padded input is never counted (onnxruntime's rule; the spec is silent about it).
+
+A window without any in-bounds tap (possible only with dilations, e.g. kernel 2, dilation 2,
+pad 1 over an input of extent 1) gets an empty row, i.e. output 0.
+
+MaxPool (https://onnx.ai/onnx/operators/onnx__MaxPool.html) pads with −inf, so a padded tap never
+wins. It is realised with MatMul/Add/Relu only, through
+
+    max(a, b) = b + relu(a − b).
+
+Each window's K candidates are gathered from the input (``c_0 = gather · x``, window-major:
+index ``w*K + t`` with ``w = c*S_out + o``); padded taps are replaced by a valid tap of the same
+window (its first), which cannot change the maximum because ``max(a, a) = a``, and which keeps
+every window at exactly K candidates. Each tournament level pairs candidates ``(2j, 2j+1)``:
+
+    d = diff · c_l,   r = relu(d),   c_{l+1} = r + keep · c_l,
+
+``diff`` rows giving ``a − b`` and ``keep`` rows selecting ``b``. If a level has an odd number
+of candidates the last one plays against itself (zero ``diff`` row, ``keep`` selects it). After
+``ceil(log2 K)`` levels one candidate per window is left: the output in C order ``(c, o)``.
+A MaxPool window without any in-bounds tap raises ``ValueError`` (onnxruntime outputs the
+lowest double there).
+
+``auto_pad`` SAME_UPPER/SAME_LOWER with a dilation other than 1 is refused (``ValueError``):
+onnxruntime sizes those pads from the undilated kernel, contradicting the spec's
+``out = ceil(n / stride)``, so no matrix can agree with both. A negative SAME total pad
+(kernel shorter than the stride) is kept negative, as in the spec formula and ORT's
+AveragePool: the windows shift into the input.
+
+GlobalAveragePool / GlobalMaxPool are the same functions with ``kernel = global_pool_kernel(
+in_shape)`` (the whole spatial extent) and default strides/pads.
+
+All matrices are float64 ``scipy.sparse.csr_matrix``, built directly from vectorised index
+arithmetic; the only Python loop runs over the ``ceil(log2 K)`` tournament levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import scipy.sparse as sp
+
+from onnx_lower import graph as g
+from onnx_lower.affine import AffineMap, identity, make_affine, replace_with_affine
+from onnx_lower.errors import UnsupportedOpError
+from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
+from onnx_lower.windows import Windows, resolve_pads, sliding_windows
+
+__all__ = [
+    "avg_pool_matrix",
+    "max_pool_taps",
+    "max_pool_tournament",
+    "run_tournament",
+    "global_pool_kernel",
+    "pool_windows",
+    "Tournament",
+    "TournamentLevel",
+    "LowerPoolPass",
+    "SinkActivationBelowMaxPoolPass",
+]
+
+
+def global_pool_kernel(in_shape: Sequence[int]) -> tuple[int, ...]:
+    """Kernel of a global pool over ``in_shape = (C, *spatial)``: the whole spatial extent."""
+    return tuple(int(v) for v in in_shape[1:])
+
+
+def pool_windows(
+    in_shape: Sequence[int],
+    kernel: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool = False,
+    auto_pad: str | bytes = "NOTSET",
+) -> tuple[Windows, tuple[int, ...]]:
+    """The windows of a pool over ``in_shape = (C, *spatial)`` and the resolved explicit pads.
+
+    Raises ``ValueError`` for ``auto_pad`` SAME_UPPER/SAME_LOWER with a dilation other than 1:
+    the spec pads for the dilated kernel so that ``out = ceil(n / s)``, while onnxruntime pads for
+    the undilated kernel and yields fewer outputs (e.g. n=7, k=3, d=2, s=1: 5 outputs, not 7).
+    No answer agrees with both, so the case is refused (ORT's Conv refuses it too).
+
+    A SAME total pad below zero (kernel shorter than the stride) is kept negative, as the spec
+    formula and ORT's AveragePool have it: the windows shift into the input (see
+    :func:`onnx_lower.windows.resolve_pads`). ORT's MaxPool rejects such nodes outright
+    ("padding values must be non-negative"); the same windows are used for it here.
+    """
+    spatial = tuple(int(v) for v in in_shape[1:])
+    kernel = tuple(int(v) for v in kernel)
+    if len(kernel) != len(spatial):
+        raise ValueError(f"kernel {kernel} does not match spatial shape {spatial}")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations or ()):
+        raise ValueError(
+            f"auto_pad={auto_pad} with dilations {tuple(dilations)}: onnxruntime sizes the pads "
+            "from the undilated kernel and so breaks the spec's output = ceil(n / stride); "
+            "use explicit pads"
+        )
+    pads_r = resolve_pads(spatial, kernel, strides, dilations, pads, auto_pad, negative_same=True)
+    win = sliding_windows(spatial, kernel, strides, pads_r, dilations, bool(ceil_mode))
+    return win, pads_r
+
+
+def _channel_csr(
+    taps: np.ndarray, data: np.ndarray, counts: np.ndarray, channels: int, s_in: int
+) -> sp.csr_matrix:
+    """Block-diagonal CSR repeating one channel's rows for every channel.
+
+    ``taps``/``data`` are one channel's column indices and values in row order, ``counts`` the
+    number of entries per row. Row ``c*R + r`` gets columns ``c*s_in + taps``.
+    """
+    rows = counts.shape[0]
+    indices = (np.arange(channels, dtype=np.int64)[:, None] * s_in + taps[None, :]).ravel()
+    values = np.tile(data.astype(np.float64), channels)
+    indptr = np.zeros(channels * rows + 1, dtype=np.int64)
+    np.cumsum(np.tile(counts, channels), out=indptr[1:])
+    return sp.csr_matrix((values, indices, indptr), shape=(channels * rows, channels * s_in))
+
+
+def avg_pool_matrix(
+    in_shape: Sequence[int],
+    kernel: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool = False,
+    count_include_pad: bool = False,
+    auto_pad: str | bytes = "NOTSET",
+) -> tuple[sp.csr_matrix, tuple[int, ...]]:
+    """Matrix ``A`` (C*S_out, C*S_in) of ONNX AveragePool and the output shape ``(C, *S_out)``.
+
+    See the module docstring for the divisor rules.
+    """
+    win, pads_r = pool_windows(
+        in_shape,
+        kernel,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        ceil_mode=ceil_mode,
+        auto_pad=auto_pad,
+    )
+    channels, r = int(in_shape[0]), len(win.kernel)
+    valid = win.valid
+    if count_include_pad:
+        inside = [
+            (pos >= -pads_r[i]) & (pos < win.in_shape[i] + pads_r[r + i])
+            for i, pos in enumerate(win.positions)
+        ]
+        divisor = win.axis_product(inside).sum(axis=1)
+    else:
+        divisor = valid.sum(axis=1)
+    weight = np.broadcast_to(1.0 / np.maximum(divisor, 1)[:, None], valid.shape)
+    a = _channel_csr(win.taps[valid], weight[valid], valid.sum(axis=1), channels, win.in_size)
+    return a, (channels, *win.out_shape)
+
+
+def max_pool_taps(windows: Windows) -> np.ndarray:
+    """``(S_out, K)`` taps with every padding tap replaced by the window's first valid tap.
+
+    Raises ``ValueError`` if a window has no valid tap (its max would be −inf).
+    """
+    valid = windows.valid
+    has_valid = valid.any(axis=1)
+    if not has_valid.all():
+        o = int(np.flatnonzero(~has_valid)[0])
+        raise ValueError(f"max pool window {o} has no tap inside the input (all padding)")
+    first = windows.taps[np.arange(valid.shape[0]), valid.argmax(axis=1)]
+    return np.where(valid, windows.taps, first[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class TournamentLevel:
+    """One level of a max tournament over ``m`` windows with ``k`` candidates each.
+
+    ``diff`` and ``keep`` are (m*h, m*k) with ``h = ceil(k/2)``: row ``w*h + j`` of ``diff`` gives
+    ``a - b`` for the pair ``(a, b) = (c[w*k + 2j], c[w*k + 2j + 1])`` and row ``w*h + j`` of
+    ``keep`` selects ``b``; for odd ``k`` the last candidate plays itself (zero ``diff`` row).
+    """
+
+    diff: sp.csr_matrix
+    keep: sp.csr_matrix
+
+    @property
+    def in_size(self) -> int:
+        return self.diff.shape[1]
+
+    @property
+    def out_size(self) -> int:
+        return self.diff.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tournament:
+    """MaxPool as ``c_0 = gather · x``, then per level ``c_{l+1} = relu(diff·c_l) + keep·c_l``.
+
+    ``gather`` is (C*S_out*K, C*S_in); the final ``c_L`` has size C*S_out in C order (c, o).
+    """
+
+    gather: sp.csr_matrix
+    levels: list[TournamentLevel]
+    out_shape: tuple[int, ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.levels)
+
+
+def _tournament_level(m: int, k: int) -> TournamentLevel:
+    """The pairing matrices for ``m`` windows of ``k`` candidates each."""
+    h, p = -(-k // 2), k // 2
+    offsets = np.arange(m, dtype=np.int64)[:, None] * k
+    # diff: per window, rows j < p hold (+1 at 2j, -1 at 2j+1); an odd last row is empty.
+    pair_cols = np.arange(2 * p, dtype=np.int64)
+    diff_idx = (offsets + pair_cols).ravel()
+    diff_data = np.tile(np.resize(np.array([1.0, -1.0]), 2 * p), m)
+    diff_counts = np.tile(np.r_[np.full(p, 2, dtype=np.int64), np.zeros(h - p, np.int64)], m)
+    diff_ptr = np.zeros(m * h + 1, dtype=np.int64)
+    np.cumsum(diff_counts, out=diff_ptr[1:])
+    diff = sp.csr_matrix((diff_data, diff_idx, diff_ptr), shape=(m * h, m * k))
+    # keep: row j selects 2j+1 (the second of the pair), or k-1 for the unpaired last one.
+    keep_cols = np.minimum(2 * np.arange(h, dtype=np.int64) + 1, k - 1)
+    keep_idx = (offsets + keep_cols).ravel()
+    keep = sp.csr_matrix(
+        (np.ones(m * h), keep_idx, np.arange(m * h + 1, dtype=np.int64)), shape=(m * h, m * k)
+    )
+    return TournamentLevel(diff, keep)
+
+
+def max_pool_tournament(
+    in_shape: Sequence[int],
+    kernel: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool = False,
+    auto_pad: str | bytes = "NOTSET",
+) -> Tournament:
+    """ONNX MaxPool over ``in_shape = (C, *spatial)`` as a ReLU tournament (module docstring)."""
+    win, _ = pool_windows(
+        in_shape,
+        kernel,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        ceil_mode=ceil_mode,
+        auto_pad=auto_pad,
+    )
+    channels = int(in_shape[0])
+    taps = max_pool_taps(win)
+    s_out, k = taps.shape
+    ones = np.ones(taps.size)
+    gather = _channel_csr(
+        taps.ravel(), ones, np.ones(taps.size, dtype=np.int64), channels, win.in_size
+    )
+    m = channels * s_out
+    levels = []
+    while k > 1:
+        levels.append(_tournament_level(m, k))
+        k = -(-k // 2)
+    return Tournament(gather, levels, (channels, *win.out_shape))
+
+
+def run_tournament(t: Tournament, x_flat: np.ndarray) -> np.ndarray:
+    """Evaluate a tournament in numpy: ``x_flat`` (N, C*S_in) -> (N, C*S_out)."""
+    c = t.gather @ np.asarray(x_flat, dtype=np.float64).T
+    for level in t.levels:
+        c = np.maximum(level.diff @ c, 0.0) + level.keep @ c
+    return np.ascontiguousarray(c.T)
+
+
+# --- passes ---
+
+
+def _pool_attrs(node: gs.Node) -> dict:
+    """The window attributes of a pool node, with the spec's defaults."""
+    return {
+        "strides": g.attr(node, "strides"),
+        "pads": g.attr(node, "pads"),
+        "dilations": g.attr(node, "dilations"),
+        "ceil_mode": bool(g.attr(node, "ceil_mode", 0)),
+        "auto_pad": g.attr(node, "auto_pad", "NOTSET"),
+    }
+
+
+def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, kernel, attrs):
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        raise UnsupportedOpError(
+            node.name,
+            node.op,
+            "mlp",
+            "its Indices output is used, and argmax indices are out of scope",
+            "Remove the Indices consumer, or keep this node with --form im2col",
+        )
+    t = max_pool_tournament(in_shape, kernel, **attrs)
+    x, out = node.inputs[0], node.outputs[0]
+    batch, dtype = g.batch_dim(x), x.dtype
+
+    def new_var(suffix: str, size: int) -> gs.Variable:
+        return gs.Variable(namer(f"{node.name}/{suffix}"), dtype=dtype, shape=[batch, size])
+
+    def affine(inputs, terms, output, suffix: str) -> None:
+        name = namer(f"{node.name}/{suffix}")
+        shape = output.shape[1:] if output is out else [output.shape[1]]
+        graph.nodes.append(make_affine(inputs, output, AffineMap(terms, None, shape), name))
+
+    if out.shape is None:
+        out.shape = [batch, *t.out_shape]
+    out.dtype = out.dtype or dtype
+    candidates = new_var("taps", t.gather.shape[0]) if t.levels else out
+    affine([x], [t.gather], candidates, "gather")
+    for i, level in enumerate(t.levels):
+        diff = new_var(f"diff{i}", level.out_size)
+        relu = new_var(f"relu{i}", level.out_size)
+        nxt = out if i == len(t.levels) - 1 else new_var(f"max{i}", level.out_size)
+        affine([candidates], [level.diff], diff, f"diff{i}")
+        relu_node = gs.Node("Relu", namer(f"{node.name}/Relu{i}"), inputs=[diff], outputs=[relu])
+        graph.nodes.append(relu_node)
+        affine([relu, candidates], [identity(level.out_size), level.keep], nxt, f"max{i}")
+        candidates = nxt
+    g.detach(node)
+    graph.nodes.remove(node)
+
+
+@register_pass("lower-pool")
+class LowerPoolPass(GraphPass):
+    """MaxPool/GlobalMaxPool → ReLU tournament; AveragePool/GlobalAveragePool → Affine."""
+
+    OPS = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "LpPool")
+
+    def run_on_graph(self, graph: gs.Graph, model: LoweringModel) -> bool:
+        nodes = [n for n in graph.nodes if g.is_op(n, *self.OPS)]
+        namer = g.Namer(graph)
+        for node in nodes:
+            x = node.inputs[0]
+            in_shape = g.sample_shape(x)
+            if node.op == "LpPool":
+                raise UnsupportedOpError(
+                    node.name, node.op, "mlp", "LpPool is not lowered", "Use --form im2col"
+                )
+            global_pool = node.op.startswith("Global")
+            kernel = global_pool_kernel(in_shape) if global_pool else g.attr(node, "kernel_shape")
+            attrs = {} if global_pool else _pool_attrs(node)
+            try:
+                if node.op.endswith("MaxPool"):
+                    _lower_max_pool(graph, node, namer, in_shape, kernel, attrs)
+                    continue
+                include_pad = bool(g.attr(node, "count_include_pad", 0))
+                matrix, out_shape = avg_pool_matrix(
+                    in_shape, kernel, count_include_pad=include_pad, **attrs
+                )
+            except ValueError as exc:
+                raise UnsupportedOpError(node.name, node.op, "mlp", str(exc)) from None
+            replace_with_affine(graph, node, [x], AffineMap([matrix], None, out_shape))
+        return bool(nodes)
+
+
+#: Elementwise ops that are monotone non-decreasing, so ``max(f(a), f(b)) = f(max(a, b))``.
+MONOTONE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu", "Selu")
+
+
+@register_pass("sink-activation-below-maxpool")
+class SinkActivationBelowMaxPoolPass(GraphPass):
+    """Rewrite MaxPool(f(x)) as f(MaxPool(x)) for monotone f, so the conv before folds in.
+
+    ``max`` commutes with any monotone non-decreasing elementwise ``f``. Applying ``f`` after the
+    pool touches fewer elements and, in the mlp form, lets the conv before the activation fold
+    into the tournament's first matrices instead of emitting a full conv matrix.
+    """
+
+    def run_on_graph(self, graph: gs.Graph, model: LoweringModel) -> bool:
+        modified = False
+        for pool in list(graph.nodes):
+            if not g.is_op(pool, "MaxPool", "GlobalMaxPool") or not pool.inputs:
+                continue
+            if len(pool.outputs) > 1 and pool.outputs[1].outputs:
+                continue  # the Indices output pins the pool to its input
+            act = g.producer(pool.inputs[0])
+            if act is None or not g.is_op(act, *MONOTONE_OPS) or len(act.outputs) != 1:
+                continue
+            mid = act.outputs[0]
+            if len(mid.outputs) != 1 or g.is_graph_output(graph, mid):
+                continue
+            if act.op == "LeakyRelu" and g.attr(act, "alpha", 0.01) < 0:
+                continue  # a negative slope is not monotone
+            x, out = act.inputs[0], pool.outputs[0]
+            pooled = gs.Variable(f"{out.name}/pre_{act.op.lower()}", dtype=out.dtype)
+            if out.shape is not None:
+                pooled.shape = list(out.shape)
+            pool.inputs[0] = x
+            pool.outputs[0] = pooled
+            act.inputs[0] = pooled
+            act.outputs[0] = out
+            modified = True
+        if modified:
+            graph.toposort()
+        return modified
