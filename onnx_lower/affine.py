@@ -39,6 +39,8 @@ __all__ = [
     "index_map",
     "broadcast_matrix",
     "compose",
+    "pending_weight_bytes",
+    "is_identity",
 ]
 
 AFFINE_OP = "Affine"
@@ -144,6 +146,20 @@ def replace_with_affine(
     new = make_affine(inputs, out, amap, node.name or out.name)
     graph.nodes[index] = new
     return new
+
+
+def pending_weight_bytes(graph: gs.Graph) -> int:
+    """Dense bytes the Affine nodes of ``graph`` (and its subgraphs) will emit."""
+    from .graph import all_graphs
+
+    total = 0
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            amap = affine_of(node)
+            if amap is not None:
+                itemsize = np.dtype(node.outputs[0].dtype or np.float32).itemsize
+                total += amap.dense_elements * itemsize
+    return total
 
 
 # --- matrix builders ------------------------------------------------------------------------

@@ -48,7 +48,9 @@ class UnsupportedOpError(LoweringError):
 class BudgetExceededError(LoweringError):
     """The emitted weights would exceed ``--max-weight-mb``."""
 
-    def __init__(self, layer: str, needed_bytes: int, budget_bytes: int, total_bytes: int | None = None):
+    def __init__(
+        self, layer: str, needed_bytes: int, budget_bytes: int, total_bytes: int | None = None
+    ):
         self.layer, self.needed_bytes, self.budget_bytes = layer, needed_bytes, budget_bytes
         self.total_bytes = total_bytes
         mb = 1024 * 1024
@@ -66,10 +68,10 @@ class DynamicShapeError(LoweringError):
     def __init__(self, tensor: str, axis: int, dim: object, form: str = "mlp"):
         self.tensor, self.axis, self.dim = tensor, axis, dim
         super().__init__(
-            f"input '{tensor}' has a dynamic dimension {axis} ({dim!r}); the {form} form needs every "
-            f"dimension but the batch (axis 0) to be static. Fix it with "
-            f"`python -m onnxruntime.tools.make_dynamic_shape_fixed --dim_param {dim} --dim_value N` "
-            f"or re-export the model with a static shape"
+            f"tensor '{tensor}' has a dynamic dimension {axis} ({dim!r}); the {form} form needs "
+            f"every dimension but the batch (axis 0) to be static. Fix it with `python -m "
+            f"onnxruntime.tools.make_dynamic_shape_fixed --dim_param {dim} --dim_value N` or "
+            f"re-export the model with a static shape"
         )
 
 

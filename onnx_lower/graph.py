@@ -28,6 +28,7 @@ __all__ = [
     "import_graph",
     "export_model",
     "const_value",
+    "constant_bytes",
     "sample_shape",
     "batch_dim",
     "all_graphs",
@@ -83,6 +84,14 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.opset_import.extend(copy.deepcopy(like.opset_import))
     if internal and not any(o.domain == INTERNAL_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(INTERNAL_DOMAIN, 1))
+    if model.ir_version < 4:
+        # IR < 4 requires every initializer to be listed among the graph inputs as well
+        listed = {i.name for i in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in model.graph.initializer
+            if t.name not in listed
+        )
     return model
 
 
@@ -116,6 +125,20 @@ def op_counts(graph: gs.Graph) -> dict[str, int]:
             key = n.op if n.domain in DEFAULT_DOMAINS else f"{n.domain}::{n.op}"
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of every constant tensor (initializers and Constant values) in all graphs."""
+    seen: dict[int, int] = {}
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen[id(t)] = int(np.asarray(t.values).nbytes)
+            value = node.attrs.get("value") if is_op(node, "Constant") else None
+            if isinstance(value, gs.Constant) and id(value) not in seen:
+                seen[id(value)] = int(np.asarray(value.values).nbytes)
+    return sum(seen.values())
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:

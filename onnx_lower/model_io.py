@@ -17,7 +17,7 @@ import onnx
 
 from .errors import InvalidModelError, OutputPathError
 
-__all__ = ["load_model", "save_model", "MIN_OPSET", "PROTOBUF_LIMIT"]
+__all__ = ["load_model", "save_model", "to_sparse_storage", "MIN_OPSET", "PROTOBUF_LIMIT"]
 
 #: Oldest default-domain opset the tool accepts (opset 7 fixed broadcasting to numpy's rules).
 MIN_OPSET = 7
@@ -125,13 +125,20 @@ def save_model(
             external_data = model.ByteSize() > PROTOBUF_LIMIT
         except Exception:  # ByteSize itself may fail beyond 2 GB
             external_data = True
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    except OSError as exc:  # a read-only or full folder
+        raise OutputPathError(f"cannot write into '{parent}': {exc.strerror or exc}") from None
     try:
         tmp_model = tmpdir / target.name
         if external_data:
             location = target.name + ".data"
+            # onnx.save_model moves tensor data out of the proto it is given: save a copy so
+            # the caller's model keeps its weights
+            detached = onnx.ModelProto()
+            detached.CopyFrom(model)
             onnx.save_model(
-                model,
+                detached,
                 str(tmp_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
@@ -160,3 +167,37 @@ def _same_file(a: Path, b: Path) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def to_sparse_storage(model: onnx.ModelProto, max_density: float = 0.5) -> int:
+    """Move float initializers of density ≤ ``max_density`` into ``sparse_initializer``.
+
+    onnxruntime densifies sparse initializers at load time, so the model computes the same and
+    the file shrinks by roughly the density. Indices are the flat (linearised) positions, as
+    the ONNX spec allows (https://onnx.ai/onnx/repo-docs/IR.html#sparse-tensors). Only
+    initializers that are not graph inputs are moved. Returns the number of tensors moved.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    keep, moved = [], 0
+    for t in graph.initializer:
+        array = numpy_helper.to_array(t) if t.name not in inputs else None
+        if array is None or array.dtype.kind != "f" or array.size < 64:
+            keep.append(t)
+            continue
+        nz = np.flatnonzero(array)
+        if nz.size > max_density * array.size:
+            keep.append(t)
+            continue
+        values = numpy_helper.from_array(array.reshape(-1)[nz], t.name)
+        indices = numpy_helper.from_array(nz.astype(np.int64), t.name + "_indices")
+        graph.sparse_initializer.append(
+            onnx.helper.make_sparse_tensor(values, indices, list(array.shape))
+        )
+        moved += 1
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return moved

@@ -26,6 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import graph as g
+from .affine import pending_weight_bytes
 from .errors import LoweringError, PassVerificationError
 
 __all__ = [
@@ -103,6 +104,7 @@ class PassRecord:
     nodes_after: int
     modified: bool
     iteration: int = 0
+    weight_bytes: int = 0
 
     @property
     def node_delta(self) -> int:
@@ -234,7 +236,15 @@ class PassManager(Pass):
                 else:
                     after = g.count_nodes(model.graph)
                     self.records.append(
-                        PassRecord(p.name, seconds, before, after, result.modified, iteration)
+                        PassRecord(
+                            p.name,
+                            seconds,
+                            before,
+                            after,
+                            result.modified,
+                            iteration,
+                            weight_bytes(model.graph),
+                        )
                     )
                     if verify:
                         self._verify(model, p.name)
@@ -260,6 +270,11 @@ class PassManager(Pass):
         self._dumps += 1
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", pass_name)
         onnx.save_model(model.to_proto(), str(folder / f"{self._dumps:03d}-{safe}.onnx"))
+
+
+def weight_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constants plus the dense weights its Affine nodes will emit."""
+    return g.constant_bytes(graph) + pending_weight_bytes(graph)
 
 
 def flatten_records(managers: Iterable[PassManager]) -> list[PassRecord]:

@@ -1,0 +1,240 @@
+"""Command line: ``python -m onnx_lower IN.onnx OUT.onnx [options]`` (also ``onnx-lower``).
+
+Exit codes: 0 ok; 1 validation failed; 2 bad input or unsupported model; 3 internal error (a
+pass broke the model: please report it). A user's mistake never shows a traceback; ``-v`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import LoweringError
+from .pipelines import FORMS
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnx-lower",
+        description="Lower an ONNX CNN to MatMul/Add/Relu (mlp form) or Gather+MatMul (im2col).",
+        epilog="Exit codes: 0 ok, 1 validation failed, 2 bad input or unsupported, 3 internal.",
+    )
+    p.add_argument("input", nargs="?", help="the model to lower (.onnx)")
+    p.add_argument("output", nargs="?", help="where to write the lowered model")
+    p.add_argument("--form", choices=FORMS, default="auto", help="target form (default: auto)")
+    p.add_argument("--passes", help="comma-separated pass names to run instead of a form")
+    p.add_argument("--list-passes", action="store_true", help="list the registered passes")
+    p.add_argument(
+        "--max-weight-mb",
+        type=float,
+        default=1024,
+        help="budget for the dense weights the mlp form emits (default: 1024)",
+    )
+    p.add_argument(
+        "--sparse-storage",
+        action="store_true",
+        help="store sparse weights as sparse_initializer (smaller file, same numerics)",
+    )
+    p.add_argument("--external-data", action="store_true", help="save weights in OUT.onnx.data")
+    p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    p.add_argument("--verify-each", action="store_true", help="check the model after each pass")
+    p.add_argument("--dump-after", metavar="DIR", help="write the model after each pass to DIR")
+    p.add_argument("--dry-run", action="store_true", help="lower and report, write nothing")
+    g = p.add_argument_group("validation and benchmarking")
+    g.add_argument("--validate", action="store_true", help="compare outputs with onnxruntime")
+    g.add_argument("--benchmark", action="store_true", help="time original vs lowered (CPU)")
+    g.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    g.add_argument("--batch", type=int, default=1, help="value for a dynamic batch dimension")
+    g.add_argument("--samples", type=int, default=4, help="random input sets to validate on")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    g.add_argument("--input-range", default="0,1", metavar="LO,HI", help="random input range")
+    g.add_argument("--inputs", nargs="+", metavar="FILE", help=".npy/.npz/.pb input files")
+    g.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    g.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    g.add_argument("--repeat", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks")
+    p.add_argument("--version", action="version", version=f"onnx_lower {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main(args, parser)
+    except LoweringError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, and how to report it
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n"
+            f"This is a bug in onnx_lower; rerun with -v and report the traceback.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .api import lower
+    from .model_io import save_model
+    from .pass_manager import registered_passes
+    from .pipelines import load_passes
+
+    if args.list_passes:
+        load_passes()
+        for name, cls in registered_passes().items():
+            print(f"{name:<20} {cls.description}")
+        return EXIT_OK
+    if not args.input or (not args.output and not args.dry_run):
+        parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
+    _check_output(args)
+    input_range = _range(args.input_range)  # before any work: a typo must not leave an output
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    lowered, report = lower(
+        args.input,
+        args.form,
+        passes=passes,
+        max_weight_mb=args.max_weight_mb,
+        sparse_storage=args.sparse_storage,
+        verify_each=args.verify_each,
+        dump_dir=args.dump_after,
+        progress=progress,
+    )
+    progress.done()
+    if not args.dry_run:
+        start = time.perf_counter()
+        save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
+        report.timings["save_s"] = time.perf_counter() - start
+        report.output = str(args.output)
+    status = EXIT_OK
+    if args.validate:
+        from .validate import load_inputs, validate
+
+        progress.step("validate")
+        inputs = load_inputs(args.inputs, args.input) if args.inputs else None
+        report.validation = validate(
+            args.input,
+            lowered,
+            inputs=inputs,
+            samples=args.samples,
+            seed=args.seed,
+            input_range=input_range,
+            rtol=args.rtol,
+            atol=args.atol,
+            batch=args.batch,
+        )
+        progress.done()
+        if not report.validation.passed:
+            status = EXIT_VALIDATION
+    if args.benchmark:
+        from .benchmark import benchmark
+
+        progress.step("benchmark")
+        report.latency = benchmark(
+            args.input,
+            lowered,
+            threads=args.threads,
+            repeat=args.repeat,
+            batch=args.batch,
+            seed=args.seed,
+        )
+        progress.done()
+    if args.report:
+        _write_text(Path(args.report), report.to_json() + "\n")
+    if not args.quiet:
+        _print_summary(args, report)
+    if status == EXIT_VALIDATION:
+        for line in report.validation.failures():
+            print(f"validation failed: {line}", file=sys.stderr)
+    return status
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Fail before any work when the output cannot be written."""
+    from .errors import OutputPathError
+
+    for path in filter(None, [args.output, args.report]):
+        parent = Path(path).parent
+        if str(parent) and not parent.is_dir():
+            raise OutputPathError(f"the output folder '{parent}' does not exist; create it first")
+    for path, what in ((args.output, "output path"), (args.report, "--report file")):
+        if path and args.input and Path(args.input).exists() and Path(path).exists():
+            if os.path.samefile(args.input, path):
+                raise OutputPathError(
+                    f"the {what} '{path}' is the input model; choose another file"
+                )
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise LoweringError(f"--input-range wants LO,HI (two numbers), not '{text}'") from None
+    if not lo < hi:
+        raise LoweringError(f"--input-range needs LO < HI, got {lo}, {hi}")
+    return lo, hi
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _print_summary(args: argparse.Namespace, report) -> None:
+    out = report.output or "(dry run: nothing written)"
+    print(f"{args.input} -> {out}")
+    for line in report.summary_lines(verbose=args.verbose):
+        print(line)
+    if report.validation is not None:
+        for line in report.validation.summary_lines():
+            print(line)
+    if report.latency is not None:
+        for line in report.latency.summary_lines():
+            print(line)
+
+
+class _Progress:
+    """One updating status line on stderr, shown only when a step takes over half a second."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, name: str) -> None:
+        self.step(name)
+
+    def step(self, name: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        if elapsed > 0.5:
+            sys.stderr.write(f"\r\033[K[{elapsed:6.1f}s] {name}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.enabled and self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
