@@ -1,0 +1,270 @@
+"""Loading and saving: atomic writes, the input is never overwritten, external data, bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lower import model_io
+from onnx_lower.errors import InvalidModelError, OutputPathError
+from onnx_lower.model_io import load_model, save_model
+
+
+def small_model(opset: int = 13, weight_elements: int = 4) -> onnx.ModelProto:
+    w = np.arange(weight_elements, dtype=np.float32).reshape(1, weight_elements)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weight_elements])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def assert_one_line(exc: BaseException) -> None:
+    text = str(exc)
+    assert text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def test_save_then_load_round_trip(tmp_path):
+    path = save_model(small_model(), tmp_path / "m.onnx")
+    assert path == tmp_path / "m.onnx"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    loaded = load_model(path)
+    assert loaded.graph == small_model().graph
+
+
+def test_save_replaces_an_existing_output_file(tmp_path):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"old")
+    save_model(small_model(), target)
+    assert load_model(target).graph == small_model().graph
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("boom")])
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, error):
+    real_save = onnx.save_model
+
+    def half_write(model, path, *args, **kwargs):
+        with open(path, "wb") as f:  # part of the file, then the failure
+            f.write(model.SerializeToString()[:10])
+        raise error
+
+    monkeypatch.setattr(onnx, "save_model", half_write)
+    target = tmp_path / "out.onnx"
+    expected = OutputPathError if isinstance(error, OSError) else RuntimeError
+    with pytest.raises(expected) as info:
+        save_model(small_model(), target)
+    if expected is OutputPathError:
+        assert "out.onnx" in str(info.value) and "No space left" in str(info.value)
+        assert_one_line(info.value)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(onnx, "save_model", real_save)
+
+
+def test_failed_save_keeps_the_previous_output(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    save_model(small_model(weight_elements=3), target)
+    before = target.read_bytes()
+
+    def failing(model, path, *args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(onnx, "save_model", failing)
+    with pytest.raises(OutputPathError):
+        save_model(small_model(weight_elements=5), target)
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.onnx"]
+
+
+def test_failed_external_data_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    real_save = onnx.save_model
+
+    def save_then_fail(model, path, *args, **kwargs):
+        real_save(model, path, *args, **kwargs)  # model and .data written into the temp folder
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", save_then_fail)
+    with pytest.raises(OutputPathError):
+        save_model(small_model(weight_elements=2048), tmp_path / "big.onnx", external_data=True)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="needs POSIX permissions and a non-root user")
+def test_save_into_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputPathError) as info:
+            save_model(small_model(), folder / "m.onnx")
+        assert_one_line(info.value)
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_folder_that_refuses_new_files(tmp_path, monkeypatch):
+    """What a read-only folder does to a non-root user, simulated so that it runs as root."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_io.tempfile, "mkdtemp", refuse)
+    with pytest.raises(OutputPathError, match="Permission denied") as info:
+        save_model(small_model(), tmp_path / "m.onnx")
+    assert_one_line(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_output_folder(tmp_path):
+    with pytest.raises(OutputPathError, match="does not exist") as info:
+        save_model(small_model(), tmp_path / "nope" / "m.onnx")
+    assert_one_line(info.value)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_output_path_that_is_a_folder(tmp_path):
+    with pytest.raises(OutputPathError, match="folder"):
+        save_model(small_model(), tmp_path)
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "relative"])
+def test_refuses_to_overwrite_the_input(tmp_path, monkeypatch, link):
+    source = tmp_path / "in.onnx"
+    onnx.save_model(small_model(), str(source))
+    original = source.read_bytes()
+    if link == "same":
+        target = source
+    elif link == "symlink":
+        target = tmp_path / "alias.onnx"
+        target.symlink_to(source)
+    elif link == "hardlink":
+        target = tmp_path / "hard.onnx"
+        os.link(source, target)
+    else:
+        monkeypatch.chdir(tmp_path)
+        target = "./sub/../in.onnx"
+        (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputPathError, match="input") as info:
+        save_model(small_model(weight_elements=7), target, input_path=source)
+    assert_one_line(info.value)
+    assert source.read_bytes() == original
+    leftovers = {p for p in os.listdir(tmp_path)} - {"in.onnx", "alias.onnx", "hard.onnx", "sub"}
+    assert not leftovers
+
+
+# ------------------------------------------------------------------------------ external data
+
+
+def test_external_data_round_trip(tmp_path):
+    model = small_model(weight_elements=4096)
+    path = save_model(model, tmp_path / "big.onnx", external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < 4096
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 4096 * 4
+    loaded = load_model(path)
+    np.testing.assert_array_equal(weights(loaded)["w"], weights(model)["w"])
+    assert [n.op_type for n in loaded.graph.node] == ["MatMul"]
+
+
+def test_models_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)
+    save_model(small_model(weight_elements=4096), tmp_path / "auto.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["auto.onnx", "auto.onnx.data"]
+    np.testing.assert_array_equal(weights(load_model(tmp_path / "auto.onnx"))["w"],
+                                  weights(small_model(weight_elements=4096))["w"])
+
+
+def test_missing_external_data_file_is_named(tmp_path):
+    save_model(small_model(weight_elements=4096), tmp_path / "big.onnx", external_data=True)
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(InvalidModelError) as info:
+        load_model(tmp_path / "big.onnx")
+    assert "big.onnx.data" in str(info.value) and "'w'" in str(info.value)
+    assert_one_line(info.value)
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(InvalidModelError, match="does not exist") as info:
+        load_model(tmp_path / "absent.onnx")
+    assert_one_line(info.value)
+    with pytest.raises(InvalidModelError, match="folder"):
+        load_model(tmp_path)
+
+
+def test_bytes_that_are_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_bytes(b"this is plain text, not a protobuf\n\x00\xff" * 10)
+    with pytest.raises(InvalidModelError) as info:
+        load_model(path)
+    assert "notes.onnx" in str(info.value)
+    assert_one_line(info.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(InvalidModelError, match="no graph") as info:
+        load_model(path)
+    assert_one_line(info.value)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_truncated_model(tmp_path, fraction):
+    data = small_model(weight_elements=256).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(InvalidModelError) as info:
+        load_model(path)
+    assert "cut.onnx" in str(info.value)
+    assert_one_line(info.value)
+
+
+def test_checker_failure(tmp_path):
+    model = small_model()
+    model.graph.node[0].input[1] = "undefined_weight"
+    path = tmp_path / "bad.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(InvalidModelError, match="checker") as info:
+        load_model(path)
+    assert_one_line(info.value)
+    load_model(path, check=False)  # the check can be turned off
+
+
+@pytest.mark.parametrize("opset", [1, 6])
+def test_opset_too_old(tmp_path, opset):
+    model = small_model()
+    model.opset_import[0].version = opset
+    path = tmp_path / "old.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(InvalidModelError, match=f"opset {opset}") as info:
+        load_model(path)
+    assert_one_line(info.value)
+    assert "convert_version" in str(info.value)
+
+
+def test_load_accepts_a_model_proto():
+    model = small_model()
+    assert load_model(model) is model
+    broken = small_model()
+    broken.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(InvalidModelError, match="the model fails the ONNX checker"):
+        load_model(broken)
