@@ -42,8 +42,10 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     """MACs of one inference at ``batch``, using shapes from ONNX shape inference."""
+    from .model_io import skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     except Exception:
         inferred = model
     shapes: dict[str, list] = {}

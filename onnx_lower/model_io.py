@@ -17,7 +17,14 @@ import onnx
 
 from .errors import InvalidModelError, OutputPathError
 
-__all__ = ["load_model", "save_model", "to_sparse_storage", "MIN_OPSET", "PROTOBUF_LIMIT"]
+__all__ = [
+    "load_model",
+    "save_model",
+    "skeleton",
+    "to_sparse_storage",
+    "MIN_OPSET",
+    "PROTOBUF_LIMIT",
+]
 
 #: Oldest default-domain opset the tool accepts (opset 7 fixed broadcasting to numpy's rules).
 MIN_OPSET = 7
@@ -201,3 +208,34 @@ def to_sparse_storage(model: onnx.ModelProto, max_density: float = 0.5) -> int:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return moved
+
+
+def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are typed graph inputs instead.
+
+    Structure, shapes and small constants (Reshape targets, pads …) stay, so the checker and
+    shape inference see the same graph, without serialising hundreds of MB of weights.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(_without_initializers(model))
+    names = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if len(t.raw_data) + 4 * len(t.float_data) <= max_bytes:
+            light.graph.initializer.append(t)
+        elif t.name not in names:
+            light.graph.input.append(
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+    return light
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = model.graph
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+    finally:
+        graph.initializer.extend(saved)
+    return copy
