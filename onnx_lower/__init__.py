@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "lower",
+    "plan",
     "validate",
     "benchmark",
     "load_model",
@@ -53,7 +54,7 @@ __all__ = [
     "PassVerificationError",
 ]
 
-from .api import lower  # noqa: E402
+from .api import lower, plan  # noqa: E402
 from .benchmark import benchmark  # noqa: E402
 from .model_io import load_model, save_model  # noqa: E402
 from .validate import validate  # noqa: E402

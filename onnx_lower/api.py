@@ -22,9 +22,10 @@ from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
 from .pipelines import FORMS, build_pipeline
+from .plan import Plan, make_plan
 from .report import ModelStats, Report
 
-__all__ = ["lower", "model_stats"]
+__all__ = ["lower", "plan", "model_stats"]
 
 MB = 1024 * 1024
 
@@ -61,15 +62,18 @@ def lower(
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(original, options, passes=list(passes))
     elif form == "auto":
-        try:
-            lowered, records, notes = _run(original, options, form="mlp")
-            used = "mlp"
-            reason = (
-                f"the mlp weights ({notes.get('emitted_weight_bytes', 0) / MB:,.1f} MB) fit the "
-                f"budget of {max_weight_mb:,.0f} MB"
-            )
-        except (BudgetExceededError, UnsupportedOpError) as exc:
-            used, reason = "im2col", f"mlp not possible: {exc}"
+        first = make_plan(original, options.max_weight_bytes, exact=False)
+        used, reason = first.form, first.reason
+        if used == "mlp":
+            try:
+                lowered, records, notes = _run(original, options, form="mlp")
+                reason = (
+                    f"the mlp weights ({notes.get('emitted_weight_bytes', 0) / MB:,.1f} MB) fit "
+                    f"the budget of {max_weight_mb:,.0f} MB"
+                )
+            except (BudgetExceededError, UnsupportedOpError) as exc:
+                used, reason = "im2col", f"mlp not possible: {exc}"
+        if used == "im2col":
             lowered, records, notes = _run(original, options, form="im2col")
     else:
         used = form
@@ -96,6 +100,11 @@ def lower(
         input=str(model) if not isinstance(model, onnx.ModelProto) else None,
     )
     return lowered, report
+
+
+def plan(model: ModelSource, *, max_weight_mb: float = 1024) -> Plan:
+    """What ``form="auto"`` would do, with the exact mlp bytes per layer; writes nothing."""
+    return make_plan(load_model(model), int(max_weight_mb * MB), exact=True)
 
 
 def _run(

@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     p.add_argument("--verify-each", action="store_true", help="check the model after each pass")
     p.add_argument("--dump-after", metavar="DIR", help="write the model after each pass to DIR")
-    p.add_argument("--dry-run", action="store_true", help="lower and report, write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (form, emitted bytes and MACs per layer); write no model",
+    )
     g = p.add_argument_group("validation and benchmarking")
     g.add_argument("--validate", action="store_true", help="compare outputs with onnxruntime")
     g.add_argument("--benchmark", action="store_true", help="time original vs lowered (CPU)")
@@ -106,6 +110,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)
+    if args.dry_run:
+        return _dry_run(args)
     input_range = _range(args.input_range)  # before any work: a typo must not leave an output
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
@@ -120,11 +126,10 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress=progress,
     )
     progress.done()
-    if not args.dry_run:
-        start = time.perf_counter()
-        save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
-        report.timings["save_s"] = time.perf_counter() - start
-        report.output = str(args.output)
+    start = time.perf_counter()
+    save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
+    report.timings["save_s"] = time.perf_counter() - start
+    report.output = str(args.output)
     status = EXIT_OK
     if args.validate:
         from .validate import load_inputs, validate
@@ -168,6 +173,29 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return status
 
 
+def _dry_run(args: argparse.Namespace) -> int:
+    """Print the plan; fail with exit 2 when the requested form cannot be had."""
+    import json
+
+    from .api import plan
+    from .errors import BudgetExceededError
+
+    if args.form in ("im2col", "fold-only") or args.passes:
+        raise LoweringError("--dry-run plans the auto and mlp forms; use --form auto or mlp")
+    result = plan(args.input, max_weight_mb=args.max_weight_mb)
+    if args.report:
+        _write_text(Path(args.report), json.dumps({"plan": result.to_dict()}, indent=2) + "\n")
+    if not args.quiet:
+        print("\n".join(result.summary_lines()))
+    if args.form == "mlp" and result.form != "mlp":
+        if result.mlp_bytes is not None and result.layers:
+            worst = max(result.layers, key=lambda la: la.bytes)
+            budget, total = result.budget_bytes, result.mlp_bytes
+            raise BudgetExceededError(worst.name, worst.bytes, budget, total)
+        raise LoweringError(f"the mlp form is not possible: {result.reason}")
+    return EXIT_OK
+
+
 def _check_output(args: argparse.Namespace) -> None:
     """Fail before any work when the output cannot be written."""
     from .errors import OutputPathError
@@ -201,8 +229,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _print_summary(args: argparse.Namespace, report) -> None:
-    out = report.output or "(dry run: nothing written)"
-    print(f"{args.input} -> {out}")
+    print(f"{args.input} -> {report.output}")
     for line in report.summary_lines(verbose=args.verbose):
         print(line)
     if report.validation is not None:

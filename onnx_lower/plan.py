@@ -1,0 +1,133 @@
+"""The plan of a lowering: which form each region gets, and what it will cost, before any work.
+
+Two estimates, both from resolved shapes:
+
+- **Tractability of the mlp form.** Building a layer's sparse matrix takes ~12 bytes per
+  nonzero, and a conv's or Gemm's nonzeros are its MACs, so a network with more than
+  :data:`MLP_MAX_MACS` MACs per sample (2·10⁸, ≈2.4 GB of sparse matrices) is not tried in the
+  mlp form at all: its dense matrices would be orders of magnitude over any budget anyway.
+- **Exact mlp bytes** (``--dry-run``): for tractable networks the mlp pipeline runs up to and
+  including ``fold-linear``, and each remaining Affine node reports the dense bytes and MACs
+  emission would give it. Nothing is densified.
+
+``--form auto`` takes the mlp form when it is tractable and fits ``--max-weight-mb``, else im2col.
+The whole graph is one region today; the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import cost
+from .errors import BudgetExceededError, LoweringError
+
+__all__ = ["Plan", "LayerPlan", "make_plan", "MLP_MAX_MACS"]
+
+#: Above this many MACs per sample (convs and matmuls), the mlp form is not attempted.
+MLP_MAX_MACS = 200_000_000
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    name: str
+    inputs: int
+    outputs: int
+    bytes: int
+    macs: int
+
+
+@dataclasses.dataclass
+class Plan:
+    form: str
+    reason: str
+    region: str
+    macs: int
+    mlp_bytes: int | None
+    budget_bytes: int
+    layers: list[LayerPlan]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        mb = 1024 * 1024
+        lines = [
+            f"plan: region '{self.region}' -> {self.form} ({self.reason})",
+            f"  MACs of the original: {self.macs:,} per sample",
+        ]
+        if self.mlp_bytes is not None:
+            lines.append(
+                f"  mlp form: {len(self.layers)} MatMul layers, {self.mlp_bytes / mb:,.1f} MB of "
+                f"dense weights (budget {self.budget_bytes / mb:,.0f} MB)"
+            )
+            width = max([len(layer.name) for layer in self.layers] + [5])
+            lines.append(f"  {'layer':<{width}} {'in':>8} {'out':>8} {'MB':>10} {'MACs':>12}")
+            for layer in sorted(self.layers, key=lambda la: -la.bytes):
+                lines.append(
+                    f"  {layer.name:<{width}} {layer.inputs:>8} {layer.outputs:>8} "
+                    f"{layer.bytes / mb:>10.2f} {layer.macs:>12,}"
+                )
+        return lines
+
+
+def make_plan(model: onnx.ModelProto, budget_bytes: int, *, exact: bool = True) -> Plan:
+    """Decide the form of ``model`` under ``budget_bytes`` (the ``auto`` rule)."""
+    macs = cost.count_macs(model)
+    region = model.graph.name or "main"
+    if macs > MLP_MAX_MACS:
+        return Plan(
+            "im2col",
+            f"{macs:,} MACs per sample: the mlp matrices would be far over any budget",
+            region,
+            macs,
+            None,
+            budget_bytes,
+            [],
+        )
+    if not exact:
+        return Plan("mlp", "small enough to try the mlp form", region, macs, None, budget_bytes, [])
+    try:
+        layers = _folded_layers(model)
+    except LoweringError as exc:
+        return Plan("im2col", f"mlp not possible: {exc}", region, macs, None, budget_bytes, [])
+    total = sum(layer.bytes for layer in layers)
+    if total > budget_bytes:
+        worst = max(layers, key=lambda la: la.bytes)
+        reason = str(BudgetExceededError(worst.name, worst.bytes, budget_bytes, total))
+        return Plan("im2col", reason, region, macs, total, budget_bytes, layers)
+    reason = f"the mlp weights ({total / 2**20:,.1f} MB) fit the budget"
+    return Plan("mlp", reason, region, macs, total, budget_bytes, layers)
+
+
+def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
+    from . import graph as g
+    from .affine import affine_of
+    from .pass_manager import LoweringModel, Options, PassManager
+    from .pipelines import PIPELINES, load_passes
+
+    load_passes()
+    names = PIPELINES["mlp"]
+    upto = names[: names.index("fold-linear") + 1]
+    work = LoweringModel.from_proto(model, Options(form="mlp"))
+    PassManager(list(upto))(work)
+    layers = []
+    for sub in g.all_graphs(work.graph):
+        for node in sub.nodes:
+            amap = affine_of(node)
+            if amap is None:
+                continue
+            itemsize = np.dtype(node.outputs[0].dtype or np.float32).itemsize
+            layers.append(
+                LayerPlan(
+                    node.name,
+                    sum(amap.in_sizes),
+                    amap.out_size,
+                    amap.dense_elements * itemsize,
+                    amap.dense_elements,
+                )
+            )
+    return layers
