@@ -1,0 +1,258 @@
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.0").
+
+Every key set below is written out literally on purpose: renaming, adding or removing a key must
+fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
+major for renames and removals) and update the README's "Report JSON" section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from onnx_lower.cli import main
+from onnx_lower.report import SCHEMA
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = REPO_ROOT / "models" / "avgpool_strided.onnx"
+
+TOP_KEYS = {
+    "schema",
+    "tool_version",
+    "input",
+    "output",
+    "form",
+    "form_used",
+    "form_reason",
+    "options",
+    "before",
+    "after",
+    "passes",
+    "fold",
+    "kept_ops",
+    "timings",
+    "validation",
+    "latency",
+}
+OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes"}
+STATS_KEYS = {"ops", "nodes", "weight_bytes", "macs"}
+PASS_KEYS = {
+    "name",
+    "seconds",
+    "nodes_before",
+    "nodes_after",
+    "node_delta",
+    "weight_bytes",
+    "modified",
+    "iteration",
+}
+FOLD_KEYS = {"matmuls_before", "matmuls_after", "bytes_before", "bytes_after"}
+TIMING_KEYS = {"load_s", "lower_s", "save_s"}
+VALIDATION_KEYS = {
+    "passed",
+    "samples",
+    "seed",
+    "rtol",
+    "atol",
+    "input_range",
+    "batch",
+    "input_source",
+    "rule",
+    "outputs",
+    "extra_outputs",
+    "failures",
+}
+OUTPUT_KEYS = {
+    "name",
+    "dtype",
+    "lowered_dtype",
+    "shape",
+    "lowered_shape",
+    "elements",
+    "max_abs_err",
+    "max_rel_err",
+    "mean_abs_err",
+    "p99_abs_err",
+    "required_atol",
+    "required_rtol",
+    "nan_mismatch",
+    "inf_mismatch",
+    "out_of_tolerance",
+    "passed",
+    "message",
+}
+LATENCY_KEYS = {
+    "a",
+    "b",
+    "ratio",
+    "paired_ratio",
+    "threads",
+    "warmup",
+    "repeat",
+    "batch",
+    "note",
+}
+LATENCY_STATS_KEYS = {"label", "runs", "median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms"}
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_float(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def run_report(tmp_path: Path, *args: str) -> dict:
+    rep = tmp_path / "report.json"
+    code = main([str(SAMPLE), *args, "--report", str(rep)])
+    assert code == 0
+    return json.loads(rep.read_text())
+
+
+def check_stats(stats: dict) -> None:
+    assert set(stats) == STATS_KEYS
+    assert is_int(stats["nodes"]) and is_int(stats["weight_bytes"]) and is_int(stats["macs"])
+    assert isinstance(stats["ops"], dict)
+    assert all(isinstance(k, str) and is_int(v) for k, v in stats["ops"].items())
+    assert list(stats["ops"]) == sorted(stats["ops"])
+    assert sum(stats["ops"].values()) == stats["nodes"]
+
+
+def check_passes(passes: list) -> None:
+    assert isinstance(passes, list) and passes
+    for p in passes:
+        assert set(p) == PASS_KEYS
+        assert isinstance(p["name"], str)
+        assert is_float(p["seconds"]) and p["seconds"] >= 0
+        for k in ("nodes_before", "nodes_after", "node_delta", "weight_bytes", "iteration"):
+            assert is_int(p[k]), (k, p[k])
+        assert p["node_delta"] == p["nodes_after"] - p["nodes_before"]
+        assert isinstance(p["modified"], bool)
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("schema")
+    return run_report(tmp, str(tmp / "o.onnx"), "--form", "mlp", "--validate", "--benchmark",
+                      "--repeat", "5", "-q")
+
+
+def test_schema_constant():
+    assert SCHEMA == "onnx_lower.report/1.0"
+
+
+def test_top_level(full_report):
+    r = full_report
+    assert set(r) == TOP_KEYS
+    assert r["schema"] == "onnx_lower.report/1.0"
+    assert isinstance(r["tool_version"], str)
+    assert r["input"] == str(SAMPLE)
+    assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
+    assert r["form"] == "mlp" and r["form_used"] == "mlp"
+    assert isinstance(r["form_reason"], str) and r["form_reason"]
+    assert set(r["options"]) == OPTIONS_KEYS
+    assert r["options"] == {"max_weight_mb": 1024.0, "sparse_storage": False, "passes": None}
+    assert is_float(r["options"]["max_weight_mb"])
+    assert isinstance(r["kept_ops"], dict)
+    assert all(isinstance(k, str) and is_int(v) for k, v in r["kept_ops"].items())
+
+
+def test_before_after(full_report):
+    check_stats(full_report["before"])
+    check_stats(full_report["after"])
+    assert full_report["after"]["ops"].get("MatMul", 0) >= 1
+    assert "Conv" not in full_report["after"]["ops"]
+
+
+def test_passes(full_report):
+    check_passes(full_report["passes"])
+    names = [p["name"] for p in full_report["passes"]]
+    assert names[0] == "resolve-shapes" and "emit-affine" in names
+
+
+def test_fold(full_report):
+    fold = full_report["fold"]
+    assert fold is None or set(fold) == FOLD_KEYS
+    if fold is not None:
+        assert all(is_int(v) for v in fold.values())
+
+
+def test_timings(full_report):
+    t = full_report["timings"]
+    assert set(t) == TIMING_KEYS
+    assert all(is_float(v) and v >= 0 for v in t.values())
+
+
+def test_validation(full_report):
+    v = full_report["validation"]
+    assert set(v) == VALIDATION_KEYS
+    assert v["passed"] is True
+    assert is_int(v["samples"]) and is_int(v["seed"]) and is_int(v["batch"])
+    assert is_float(v["rtol"]) and is_float(v["atol"])
+    assert v["input_range"] == [0.0, 1.0]
+    assert v["input_source"] == "random"
+    assert isinstance(v["rule"], str)
+    assert v["extra_outputs"] == [] and v["failures"] == []
+    assert [o["name"] for o in v["outputs"]] == ["logits"]
+    for o in v["outputs"]:
+        assert set(o) == OUTPUT_KEYS
+        assert o["dtype"] == o["lowered_dtype"] == "float32"
+        assert o["shape"] == o["lowered_shape"] == [1, 10]
+        for k in ("elements", "nan_mismatch", "inf_mismatch", "out_of_tolerance"):
+            assert is_int(o[k]), k
+        for k in ("max_abs_err", "max_rel_err", "mean_abs_err", "p99_abs_err", "required_atol",
+                  "required_rtol"):
+            assert is_float(o[k]), k
+        assert o["passed"] is True and o["message"] is None
+
+
+def test_latency(full_report):
+    lat = full_report["latency"]
+    assert set(lat) == LATENCY_KEYS
+    assert is_float(lat["ratio"]) and is_float(lat["paired_ratio"])
+    assert lat["repeat"] == 5 and lat["threads"] == 1 and lat["batch"] == 1
+    assert is_int(lat["warmup"])
+    assert isinstance(lat["note"], str)
+    for side, label in (("a", "original"), ("b", "lowered")):
+        s = lat[side]
+        assert set(s) == LATENCY_STATS_KEYS
+        assert s["label"] == label and s["runs"] == 5
+        for k in LATENCY_STATS_KEYS - {"label", "runs"}:
+            assert is_float(s[k]) and s[k] > 0, k
+    assert lat["ratio"] == pytest.approx(lat["b"]["median_ms"] / lat["a"]["median_ms"])
+
+
+def test_optional_parts_are_null(tmp_path):
+    """Without --validate/--benchmark (and with a custom pass list, so no fold), the optional
+    parts are present as null, never missing."""
+    r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--passes", "resolve-shapes,dce,toposort",
+                   "-q")
+    assert set(r) == TOP_KEYS
+    assert r["validation"] is None and r["latency"] is None
+    assert r["fold"] is None and r["kept_ops"] == {}
+    assert r["form_used"] == "custom"
+    assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
+    assert set(r["timings"]) == TIMING_KEYS
+    check_stats(r["before"])
+    check_stats(r["after"])
+    check_passes(r["passes"])
+    assert [p["name"] for p in r["passes"]] == ["resolve-shapes", "dce", "toposort"]
+
+
+PLAN_KEYS = {"form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers"}
+PLAN_LAYER_KEYS = {"name", "inputs", "outputs", "bytes", "macs"}
+
+
+def test_dry_run_report_is_a_plan(tmp_path):
+    """--dry-run --report writes the plan document, with its own schema tag."""
+    r = run_report(tmp_path, "--dry-run", "--form", "auto", "-q")
+    assert set(r) == {"schema", "plan"}
+    assert r["schema"] == "onnx_lower.plan/1.0"
+    assert set(r["plan"]) == PLAN_KEYS
+    assert r["plan"]["form"] == "mlp"
+    assert r["plan"]["layers"] and all(set(la) == PLAN_LAYER_KEYS for la in r["plan"]["layers"])
+    assert r["plan"]["mlp_bytes"] == sum(la["bytes"] for la in r["plan"]["layers"])
