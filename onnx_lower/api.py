@@ -124,8 +124,8 @@ def _run(
         notes["fold_summary"] = {
             "matmuls_before": sum(f["before"]["matmuls"] for f in fold),
             "matmuls_after": sum(f["after"]["matmuls"] for f in fold),
-            "bytes_before": sum(f["before"]["dense_elements"] for f in fold) * 4,
-            "bytes_after": sum(f["after"]["dense_elements"] for f in fold) * 4,
+            "bytes_before": sum(f["before"]["bytes"] for f in fold),
+            "bytes_after": sum(f["after"]["bytes"] for f in fold),
         }
     return work.to_proto(), manager.records, notes
 

@@ -21,6 +21,8 @@ from .pipelines import FORMS
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+#: Schema of the ``--dry-run --report`` document.
+PLAN_SCHEMA = "onnx_lower.plan/1.0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,11 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dry_run:
         return _dry_run(args)
     input_range = _range(args.input_range)  # before any work: a typo must not leave an output
+    given_inputs = None
+    if args.validate and args.inputs:
+        from .validate import load_inputs
+
+        given_inputs = load_inputs(args.inputs, args.input)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
     lowered, report = lower(
@@ -132,14 +139,13 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     report.output = str(args.output)
     status = EXIT_OK
     if args.validate:
-        from .validate import load_inputs, validate
+        from .validate import validate
 
         progress.step("validate")
-        inputs = load_inputs(args.inputs, args.input) if args.inputs else None
         report.validation = validate(
             args.input,
             lowered,
-            inputs=inputs,
+            inputs=given_inputs,
             samples=args.samples,
             seed=args.seed,
             input_range=input_range,
@@ -184,7 +190,8 @@ def _dry_run(args: argparse.Namespace) -> int:
         raise LoweringError("--dry-run plans the auto and mlp forms; use --form auto or mlp")
     result = plan(args.input, max_weight_mb=args.max_weight_mb)
     if args.report:
-        _write_text(Path(args.report), json.dumps({"plan": result.to_dict()}, indent=2) + "\n")
+        document = {"schema": PLAN_SCHEMA, "plan": result.to_dict()}
+        _write_text(Path(args.report), json.dumps(document, indent=2) + "\n")
     if not args.quiet:
         print("\n".join(result.summary_lines()))
     if args.form == "mlp" and result.form != "mlp":

@@ -53,13 +53,18 @@ class BudgetExceededError(LoweringError):
     ):
         self.layer, self.needed_bytes, self.budget_bytes = layer, needed_bytes, budget_bytes
         self.total_bytes = total_bytes
-        mb = 1024 * 1024
-        total = f"; all layers together need {total_bytes / mb:,.1f} MB" if total_bytes else ""
+        total = f"; all layers together need {_mb(total_bytes)}" if total_bytes else ""
         super().__init__(
-            f"layer '{layer}' needs {needed_bytes / mb:,.1f} MB of dense weights{total}, over the "
-            f"budget of {budget_bytes / mb:,.1f} MB. Raise --max-weight-mb, or use --form im2col "
+            f"layer '{layer}' needs {_mb(needed_bytes)} of dense weights{total}, over the "
+            f"budget of {_mb(budget_bytes)}. Raise --max-weight-mb, or use --form im2col "
             f"(or --form auto) to keep large layers as Gather+MatMul"
         )
+
+
+def _mb(n: int) -> str:
+    """Bytes as MB, legible for small budgets too: 1,024.0 MB, 0.01 MB."""
+    mb = n / (1024 * 1024)
+    return f"{mb:,.1f} MB" if mb >= 1 else f"{mb:.3g} MB"
 
 
 class DynamicShapeError(LoweringError):

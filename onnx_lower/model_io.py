@@ -42,7 +42,7 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
         path = Path(source)
         where = f"'{path}'"
         if not path.exists():
-            raise InvalidModelError(f"{where} does not exist")
+            raise InvalidModelError(f"{where} does not exist; check the path and the file name")
         if path.is_dir():
             raise InvalidModelError(f"{where} is a folder, not an ONNX file")
         try:
@@ -66,7 +66,8 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
             onnx.checker.check_model(model)
         except (onnx.checker.ValidationError, ValueError) as exc:
             raise InvalidModelError(
-                f"{where} fails the ONNX checker: {_first_line(exc)}"
+                f"{where} fails the ONNX checker: {_one_line(exc)}. Fix the model at its source, "
+                f"or check it with `python -m onnx.checker`"
             ) from None
     return model
 
@@ -169,6 +170,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+def _one_line(exc: BaseException) -> str:
+    """The checker's whole message on one line (its first line alone is often cut mid-clause)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = text.replace("==> Context: ", "")
+    return text[:400] + ("…" if len(text) > 400 else "")
 
 
 def _first_line(exc: BaseException) -> str:

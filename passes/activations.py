@@ -102,7 +102,7 @@ KEPT_ELEMENTWISE = frozenset(
 _AXIS_OPS = ("Softmax", "LogSoftmax")
 
 MLP_HINT = (
-    "use --form im2col or --form auto, which keep ops that have no MatMul/Add/Relu form as "
+    "Use --form im2col or --form auto, which keep ops that have no MatMul/Add/Relu form as "
     "they are"
 )
 

@@ -25,6 +25,7 @@ The pass runs to a fixed point.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
@@ -125,9 +126,14 @@ def _unique(nodes) -> list[gs.Node]:
 
 
 def _stats(graph: gs.Graph) -> dict[str, int]:
-    maps = [affine_of(n) for n in graph.nodes if is_affine(n)]
+    nodes = [n for n in graph.nodes if is_affine(n)]
+    maps = [affine_of(n) for n in nodes]
     return {
         "affine_nodes": len(maps),
         "matmuls": sum(not is_identity(t) for m in maps for t in m.terms),
         "dense_elements": sum(m.dense_elements for m in maps),
+        "bytes": sum(
+            m.dense_elements * np.dtype(n.outputs[0].dtype or np.float32).itemsize
+            for n, m in zip(nodes, maps)
+        ),
     }
