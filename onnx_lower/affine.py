@@ -4,10 +4,14 @@ An Affine node computes, per sample, on C-order flat vectors (the tensor without
 
     y = Σ_i A_i · x_i + c
 
-where ``A_i`` is a ``scipy.sparse`` CSR matrix of shape ``(out_size, in_size_i)`` in float64 and
-``c`` a dense float64 vector (or None). The output tensor keeps its logical per-sample shape
-``out_shape``, so a Reshape or Flatten between Affine nodes costs nothing. Matrices are composed
-in float64 and cast to the model's float type once, at emission.
+where ``A_i`` is a float64 matrix of shape ``(out_size, in_size_i)`` and ``c`` a dense float64
+vector (or None). ``A_i`` is a ``scipy.sparse`` CSR matrix, except where composition filled
+it beyond :data:`DENSE_ABOVE` of its entries: then a dense ndarray is smaller (8 bytes per
+entry against CSR's 12 per nonzero) and multiplies faster.
+
+The output tensor keeps its logical per-sample shape ``out_shape``, so a Reshape or Flatten
+between Affine nodes costs nothing. Matrices are composed in float64 and cast to the model's
+float type once, at emission.
 
 Most data-movement ops are *index maps*: each output element copies one input element or a fill
 value. :func:`index_map` builds their matrices by running the op's numpy equivalent on an array of
@@ -41,6 +45,9 @@ __all__ = [
     "compose",
     "pending_weight_bytes",
     "is_identity",
+    "as_term",
+    "to_dense",
+    "DENSE_ABOVE",
 ]
 
 AFFINE_OP = "Affine"
@@ -56,7 +63,7 @@ class AffineMap:
     out_shape: tuple[int, ...]
 
     def __post_init__(self):
-        self.terms = [sp.csr_matrix(t, dtype=np.float64) for t in self.terms]
+        self.terms = [as_term(t) for t in self.terms]
         self.out_shape = tuple(int(d) for d in self.out_shape)
         if self.bias is not None:
             self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
@@ -81,7 +88,7 @@ class AffineMap:
 
     @property
     def nnz(self) -> int:
-        return sum(t.nnz for t in self.terms)
+        return sum(t.size if isinstance(t, np.ndarray) else t.nnz for t in self.terms)
 
     def apply(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         """Reference evaluation on batched inputs ``(N, in_size_i)`` (tests and debugging)."""
@@ -95,7 +102,35 @@ class AffineMap:
         return f"Affine(in=[{ins}], out={list(self.out_shape)}, nnz={self.nnz})"
 
 
-def is_identity(m: sp.csr_matrix) -> bool:
+#: Fraction of nonzeros above which a composed term is kept as a dense array.
+DENSE_ABOVE = 0.25
+
+Term = sp.csr_matrix | np.ndarray
+
+
+def as_term(m) -> Term:
+    """A float64 term: dense ndarray if given dense or filled beyond DENSE_ABOVE, else CSR."""
+    if isinstance(m, np.ndarray | np.matrix):
+        return np.asarray(m, dtype=np.float64)
+    m = sp.csr_matrix(m, dtype=np.float64)
+    if m.nnz > DENSE_ABOVE * m.shape[0] * m.shape[1] and m.shape[0] * m.shape[1] > 4096:
+        return m.toarray()
+    return m
+
+
+def to_dense(m: Term, dtype) -> np.ndarray:
+    """``mᵀ`` as a C-contiguous ``dtype`` array, without a float64 dense temporary."""
+    if isinstance(m, np.ndarray):
+        return np.ascontiguousarray(m.T, dtype=dtype)
+    out = np.zeros((m.shape[1], m.shape[0]), dtype=dtype)
+    coo = m.tocoo()
+    out[coo.col, coo.row] = coo.data
+    return out
+
+
+def is_identity(m: Term) -> bool:
+    if isinstance(m, np.ndarray):
+        return False  # dense terms come from composition; an identity stays sparse
     n, k = m.shape
     if n != k or m.nnz != n:
         return False
@@ -233,7 +268,7 @@ def compose(
     def add(tensor: gs.Tensor, term: sp.csr_matrix) -> None:
         for i, t in enumerate(inputs):
             if t is tensor:
-                terms[i] = (terms[i] + term).tocsr()
+                terms[i] = as_term(terms[i] + term)
                 return
         inputs.append(tensor)
         terms.append(term)
@@ -242,12 +277,13 @@ def compose(
         if i != k:
             add(t, m)
     for t, m in zip(inner_inputs, inner.terms):
-        add(t, (a_k @ m).tocsr())
+        add(t, as_term(a_k @ m))
     bias = outer.bias
     if inner.bias is not None:
         extra = a_k @ inner.bias
         bias = extra if bias is None else bias + extra
     for term in terms:
-        term.eliminate_zeros()
-        term.sort_indices()
+        if not isinstance(term, np.ndarray):
+            term.eliminate_zeros()
+            term.sort_indices()
     return AffineMap(terms, bias, outer.out_shape), inputs

@@ -11,6 +11,7 @@ it meets an op it cannot keep, the im2col form lowers the model instead; the rep
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 
@@ -119,6 +120,9 @@ def _run(
     work = LoweringModel.from_proto(original, options)
     manager(work)
     notes = dict(work.notes)
+    lowered = work.to_proto(release=True)
+    del work
+    gc.collect()  # the gs graph is cyclic; free its weights before the caller copies the proto
     fold = notes.pop("fold", None)
     if fold:
         notes["fold_summary"] = {
@@ -127,7 +131,7 @@ def _run(
             "bytes_before": sum(f["before"]["bytes"] for f in fold),
             "bytes_after": sum(f["after"]["bytes"] for f in fold),
         }
-    return work.to_proto(), manager.records, notes
+    return lowered, manager.records, notes
 
 
 def _check_result(model: onnx.ModelProto) -> None:

@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .errors import DynamicShapeError
+from .errors import DynamicShapeError, InvalidModelError
 
 __all__ = [
     "INTERNAL_DOMAIN",
@@ -55,23 +55,50 @@ def is_op(node: gs.Node, *ops: str) -> bool:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The main graph as a gs graph; its inputs and outputs must be tensors."""
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            which = vi.type.WhichOneof("value")
+            if which not in (None, "tensor_type"):
+                raise InvalidModelError(
+                    f"graph {kind} '{vi.name}' has {which.removesuffix('_type')} type, not tensor; "
+                    f"onnx_lower lowers models whose inputs and outputs are tensors"
+                )
     return gs.import_onnx(model)
 
 
-def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+#: Constants above this size are exported as placeholders and filled into the final proto.
+_LARGE = 1 << 20
+
+
+def export_model(
+    graph: gs.Graph, like: onnx.ModelProto, *, release: bool = False
+) -> onnx.ModelProto:
     """Export ``graph`` with the metadata of ``like`` (ir_version, opsets, producer, metadata).
 
     Internal payloads are summarised into plain attributes so the result always serialises.
+    Large constants are exported as empty placeholders and their bytes written once into the
+    final proto: onnx-graphsurgeon's export would otherwise hold three copies of every weight.
+    With ``release=True`` (the final export) each large constant's array is dropped from the
+    graph as soon as its bytes are in the proto, so weights are never held twice; the graph
+    must not be used afterwards.
     """
     internal = [n for g in all_graphs(graph) for n in g.nodes if n.domain == INTERNAL_DOMAIN]
     saved = [(n, n.attrs) for n in internal]
     for n in internal:
         n.attrs = {k: _summarise(v) for k, v in n.attrs.items()}
+    large = _large_constants(graph)
+    for const, values in large.values():
+        const.values = np.empty((0,), dtype=values.dtype)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for n, attrs in saved:
             n.attrs = attrs
+        if not release:
+            for const, values in large.values():
+                const.values = values
+    _fill_large(model.graph, large)
     model.ir_version = like.ir_version
     model.producer_name = like.producer_name
     model.producer_version = like.producer_version
@@ -84,15 +111,38 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.opset_import.extend(copy.deepcopy(like.opset_import))
     if internal and not any(o.domain == INTERNAL_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(INTERNAL_DOMAIN, 1))
-    if model.ir_version < 4:
-        # IR < 4 requires every initializer to be listed among the graph inputs as well
+    if like.ir_version < 4:  # IR < 4: every initializer must also be a graph input
         listed = {i.name for i in model.graph.input}
-        model.graph.input.extend(
-            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-            for t in model.graph.initializer
-            if t.name not in listed
-        )
+        for init in model.graph.initializer:
+            if init.name not in listed:
+                model.graph.input.append(
+                    onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+                )
     return model
+
+
+def _large_constants(graph: gs.Graph) -> dict[str, tuple[gs.Constant, np.ndarray]]:
+    found: dict[str, tuple[gs.Constant, np.ndarray]] = {}
+    for sub in all_graphs(graph):
+        for t in sub.tensors().values():
+            # LazyValues (weights imported from a proto) export without a copy: leave them
+            eager = isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray)
+            if eager and t.name and t.values.nbytes > _LARGE:
+                found[t.name] = (t, t.values)
+    return found
+
+
+def _fill_large(graph_proto: onnx.GraphProto, large: dict) -> None:
+    from onnx import numpy_helper
+
+    for init in graph_proto.initializer:
+        if init.name in large:
+            init.CopyFrom(numpy_helper.from_array(large[init.name][1], init.name))
+            large[init.name] = (large[init.name][0], None)  # the proto holds the bytes now
+    for node in graph_proto.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _fill_large(a.g, large)
 
 
 def _summarise(value):

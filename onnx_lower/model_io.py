@@ -222,28 +222,28 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     """A copy of ``model`` whose large initializers are typed graph inputs instead.
 
     Structure, shapes and small constants (Reshape targets, pads …) stay, so the checker and
-    shape inference see the same graph, without serialising hundreds of MB of weights.
+    shape inference see the same graph, without copying hundreds of MB of weights. The copy is
+    built field by field: protobuf arenas never return memory, so even a temporary full copy
+    would stay resident.
     """
     light = onnx.ModelProto()
-    light.CopyFrom(_without_initializers(model))
-    names = {i.name for i in model.graph.input}
-    for t in model.graph.initializer:
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, name, getattr(model, name))
+    for name in ("opset_import", "metadata_props", "functions"):
+        getattr(light, name).extend(getattr(model, name))
+    src, dst = model.graph, light.graph
+    dst.name, dst.doc_string = src.name, src.doc_string
+    for name in ("node", "input", "output", "value_info", "quantization_annotation"):
+        getattr(dst, name).extend(getattr(src, name))
+    listed = {i.name for i in src.input}
+    for t in src.initializer:
         if len(t.raw_data) + 4 * len(t.float_data) <= max_bytes:
-            light.graph.initializer.append(t)
-        elif t.name not in names:
-            light.graph.input.append(
-                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            dst.initializer.append(t)
+        elif t.name not in listed:
+            dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    for st in src.sparse_initializer:
+        if st.values.name not in listed:
+            dst.input.append(
+                onnx.helper.make_tensor_value_info(st.values.name, st.values.data_type, st.dims)
             )
     return light
-
-
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-    finally:
-        graph.initializer.extend(saved)
-    return copy

@@ -75,8 +75,9 @@ class LoweringModel:
         del template.functions[:]
         return cls(g.import_graph(model), template, options or Options())
 
-    def to_proto(self) -> onnx.ModelProto:
-        return g.export_model(self.graph, self.template)
+    def to_proto(self, *, release: bool = False) -> onnx.ModelProto:
+        """The model as protobuf; ``release=True`` frees weights as they are exported (final)."""
+        return g.export_model(self.graph, self.template, release=release)
 
     @property
     def opset(self) -> int:

@@ -31,8 +31,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
-from onnx_lower.affine import affine_of, is_affine, is_identity
-from onnx_lower.errors import BudgetExceededError, LoweringError
+from onnx_lower.affine import affine_of, is_affine, is_identity, to_dense
+from onnx_lower.errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, PassResult, register_pass
 
 __all__ = ["EmitAffinePass", "FlattenRegionsPass", "emitted_bytes", "SHAPE_AGNOSTIC_OPS"]
@@ -100,6 +100,12 @@ class EmitAffinePass(GraphPass):
             raise LoweringError(f"Affine node '{node.name}' has non-float output dtype {dtype}")
         if not node.inputs:
             raise LoweringError(f"Affine node '{node.name}' reads no activation")
+        if 0 in amap.out_shape:  # Reshape(y', [-1, 0, ...]) cannot infer the batch
+            raise UnsupportedOpError(
+                node.name, "Affine", "mlp",
+                f"its output '{out.name}' has the zero-size per-sample shape "
+                f"{list(amap.out_shape)}", "Use --form im2col, which keeps the op as it is",
+            )
         batch, m = g.batch_dim(out), amap.out_size
         base = node.name or out.name
         new_nodes: list[gs.Node] = []
@@ -124,7 +130,7 @@ class EmitAffinePass(GraphPass):
             if is_identity(a):
                 parts.append(flat(x))
             else:
-                w = gs.Constant(namer(f"{base}/W{i}"), np.ascontiguousarray(a.T.toarray(), dtype))
+                w = gs.Constant(namer(f"{base}/W{i}"), to_dense(a, dtype))
                 parts.append(add_node("MatMul", [flat(x), w], f"MatMul{i}", [batch, m]))
         if amap.bias is not None:
             parts.append(gs.Constant(namer(f"{base}/bias"), amap.bias.astype(dtype)))
