@@ -189,13 +189,22 @@ def to_sparse_storage(model: onnx.ModelProto, max_density: float = 0.5) -> int:
 
     onnxruntime densifies sparse initializers at load time, so the model computes the same and
     the file shrinks by roughly the density. Indices are the flat (linearised) positions, as
-    the ONNX spec allows (https://onnx.ai/onnx/repo-docs/IR.html#sparse-tensors). Only
-    initializers that are not graph inputs are moved. Returns the number of tensors moved.
+    the ONNX spec allows (https://onnx.ai/onnx/repo-docs/IR.html#sparse-tensors).
+    ``sparse_initializer`` needs IR version 6, so an older model is raised to it; below IR 4
+    every initializer was also a graph input, a listing that later IR versions drop. Other
+    initializers that are graph inputs (overridable at run time) stay dense. Returns the number
+    of tensors moved.
     """
     import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
+    if model.ir_version < 4:
+        names = {t.name for t in graph.initializer}
+        kept = [i for i in graph.input if i.name not in names]
+        del graph.input[:]
+        graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 6)
     inputs = {i.name for i in graph.input}
     keep, moved = [], 0
     for t in graph.initializer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -154,3 +156,20 @@ def test_lowering_is_deterministic():
     a, _ = onnx_lower.lower(model, form="mlp")
     b, _ = onnx_lower.lower(model, form="mlp")
     assert a.SerializeToString() == b.SerializeToString()
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def test_sparse_storage_of_an_ir3_model_whose_initializers_are_inputs():
+    path = CORPUS / "emclab-sinica__mnist-8.onnx"  # IR 3: initializers are graph inputs too
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the real-model corpus lives in ../shared/corpus)")
+    dense, _ = onnx_lower.lower(path, form="mlp")
+    sparse, report = onnx_lower.lower(path, form="mlp", sparse_storage=True)
+    assert report.notes["sparse_initializers"] > 0 and sparse.ir_version >= 6
+    assert sparse.ByteSize() < 0.2 * dense.ByteSize()
+    x = RNG.random((1, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(
+        run_model(sparse, {"Input3": x})[0], run_model(dense, {"Input3": x})[0], rtol=1e-6
+    )
