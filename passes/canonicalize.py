@@ -65,6 +65,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import GraphPass, LoweringModel, Pass, PassResult, register_pass
+from onnx_lower.pipelines import CANONICALIZE  # the preset prefix of every pipeline
 from onnx_lower.windows import resolve_pads
 
 __all__ = [
@@ -78,16 +79,6 @@ __all__ = [
     "NameNodes",
 ]
 
-#: The preset prefix of every pipeline.
-CANONICALIZE = (
-    "resolve-shapes",
-    "fold-constants",
-    "remove-identity",
-    "explicit-pads",
-    "dce",
-    "toposort",
-    "name-nodes",
-)
 
 logger = logging.getLogger(__name__)
 
