@@ -74,7 +74,6 @@ from .linear import (
     is_omitted,
     merge_terms,
     per_sample_constant,
-    same_batch,
 )
 
 __all__ = [
@@ -295,28 +294,11 @@ def _bmat(src: tuple[int, ...], dst: tuple[int, ...]) -> sp.csr_matrix:
 
 def _lower_max_min(node: gs.Node, ctx: _Ctx) -> Plan:
     is_max = is_op(node, "Max")
-    acts, shapes, consts = [], [], []
-    for t in node.inputs:
-        if is_omitted(t):
-            continue
-        c = const_value(t)
-        if c is None:
-            if any(t is a for a in acts):  # max(a, a) = a
-                continue
-            shapes.append(activation_shape(t))
-            acts.append(t)
-        else:
-            consts.append(c)
-    if not acts:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
-    rank = len(shapes[0])
-    if any(len(s) != rank for s in shapes):
-        _refuse(f"activations of per-sample shapes {shapes} have different ranks")
-    for t in acts[1:]:
-        same_batch(acts[0], t)
+    acts, shapes, consts = linear.split_operands(node, repeats=False)  # max(a, a) = a
     const = None
     if consts:
         reduce = np.maximum if is_max else np.minimum
+        rank = len(shapes[0])
         parts = [np.asarray(per_sample_constant(c, rank), dtype=np.float64) for c in consts]
         try:
             const = reduce.reduce(np.broadcast_arrays(*parts)) if len(parts) > 1 else parts[0]

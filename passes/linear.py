@@ -857,6 +857,36 @@ def _inputs(node: gs.Node) -> list[gs.Tensor | None]:
     return [None if is_omitted(t) else t for t in node.inputs]
 
 
+def split_operands(
+    node: gs.Node, *, repeats: bool = True
+) -> tuple[list[gs.Tensor], list[tuple[int, ...]], list[np.ndarray]]:
+    """The activations (with per-sample shapes) and the constants among a variadic node's inputs.
+
+    ``repeats=False`` keeps one copy of an activation read twice (for Max/Min: max(a, a) = a).
+    Refuses when every input is constant or the activations' ranks or batches differ.
+    """
+    acts: list[gs.Tensor] = []
+    shapes: list[tuple[int, ...]] = []
+    consts: list[np.ndarray] = []
+    for t in _inputs(node):
+        if t is None:
+            continue
+        c = const_value(t)
+        if c is not None:
+            consts.append(c)
+        elif repeats or not any(t is a for a in acts):
+            shapes.append(activation_shape(t))
+            acts.append(t)
+    if not acts:
+        _refuse("every input is constant (fold-constants evaluates such nodes)")
+    rank = len(shapes[0])
+    if any(len(s) != rank for s in shapes):
+        _refuse(f"activations of per-sample shapes {shapes} have different ranks")
+    for t in acts[1:]:
+        same_batch(acts[0], t)
+    return acts, shapes, consts
+
+
 def _input(node: gs.Node, i: int) -> gs.Tensor | None:
     ins = _inputs(node)
     return ins[i] if i < len(ins) else None
@@ -965,27 +995,11 @@ def _lower_arith(node: gs.Node, ctx: _Ctx) -> Lowering:
 
 
 def _lower_sum(node: gs.Node, ctx: _Ctx) -> Lowering:
-    acts, shapes, consts = [], [], []
-    for t in _inputs(node):
-        if t is None:
-            continue
-        c = const_value(t)
-        if c is None:
-            shapes.append(activation_shape(t))
-            acts.append(t)
-        else:
-            consts.append(c)
-    if not acts:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
-    rank = len(shapes[0])
-    if any(len(s) != rank for s in shapes):
-        _refuse(f"activations of per-sample shapes {shapes} have different ranks")
-    for t in acts[1:]:
-        same_batch(acts[0], t)
+    acts, shapes, consts = split_operands(node)
     k = 1.0 / (len(acts) + len(consts)) if is_op(node, "Mean") else 1.0
     const = None
     if consts:
-        const = sum(_f64(per_sample_constant(c, rank)) for c in consts) * k
+        const = sum(_f64(per_sample_constant(c, len(shapes[0]))) for c in consts) * k
     return Lowering(acts, [linear_combination_map(shapes, [k] * len(acts), const)])
 
 
