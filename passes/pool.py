@@ -305,8 +305,16 @@ def _pool_attrs(node: gs.Node) -> dict:
     }
 
 
+def _indices_used(graph: gs.Graph, node: gs.Node) -> bool:
+    """The MaxPool's Indices output is read by a node or is a graph output."""
+    if len(node.outputs) < 2:
+        return False
+    idx = node.outputs[1]
+    return bool(idx.outputs) or g.is_graph_output(graph, idx)
+
+
 def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, kernel, attrs):
-    if len(node.outputs) > 1 and node.outputs[1].outputs:
+    if _indices_used(graph, node):
         raise UnsupportedOpError(
             node.name,
             node.op,
@@ -323,7 +331,9 @@ def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, ke
 
     def affine(inputs, terms, output, suffix: str) -> None:
         name = namer(f"{node.name}/{suffix}")
-        shape = output.shape[1:] if output is out else [output.shape[1]]
+        # the pool's own shape, not the inferred one: onnx's inference for opsets < 22 keeps a
+        # ceil_mode window that starts past the input, which onnxruntime drops
+        shape = list(t.out_shape) if output is out else [output.shape[1]]
         graph.nodes.append(make_affine(inputs, output, AffineMap(terms, None, shape), name))
 
     if out.shape is None:
@@ -355,6 +365,12 @@ class LowerPoolPass(GraphPass):
         namer = g.Namer(graph)
         for node in nodes:
             x = node.inputs[0]
+            if x.dtype is not None and np.dtype(x.dtype).kind != "f":
+                raise UnsupportedOpError(
+                    node.name, node.op, "mlp",
+                    f"input '{x.name}' has type {np.dtype(x.dtype)}; only float activations "
+                    f"are lowered", "Use --form im2col or --form auto, which keep it as it is",
+                )
             in_shape = g.sample_shape(x)
             if node.op == "LpPool":
                 raise UnsupportedOpError(
@@ -395,7 +411,7 @@ class SinkActivationBelowMaxPoolPass(GraphPass):
         for pool in list(graph.nodes):
             if not g.is_op(pool, "MaxPool", "GlobalMaxPool") or not pool.inputs:
                 continue
-            if len(pool.outputs) > 1 and pool.outputs[1].outputs:
+            if _indices_used(graph, pool):
                 continue  # the Indices output pins the pool to its input
             act = g.producer(pool.inputs[0])
             if act is None or not g.is_op(act, *MONOTONE_OPS) or len(act.outputs) != 1:
