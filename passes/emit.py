@@ -81,6 +81,19 @@ class EmitAffinePass(GraphPass):
         )
         return super().run(model)
 
+    def ensures(self, model: LoweringModel) -> None:
+        """No internal node survives emission, in any graph."""
+        left = [
+            n.name
+            for graph in g.all_graphs(model.graph)
+            for n in graph.nodes
+            if n.domain == g.INTERNAL_DOMAIN
+        ]
+        if left:
+            raise LoweringError(
+                f"internal nodes are left after emit-affine: {', '.join(left[:3])}"
+            )
+
     def run_on_graph(self, graph: gs.Graph, model: LoweringModel) -> bool:
         nodes = [n for n in graph.nodes if is_affine(n)]
         if not nodes:

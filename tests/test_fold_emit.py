@@ -173,3 +173,18 @@ def test_sparse_storage_of_an_ir3_model_whose_initializers_are_inputs():
     np.testing.assert_allclose(
         run_model(sparse, {"Input3": x})[0], run_model(dense, {"Input3": x})[0], rtol=1e-6
     )
+
+
+def test_emission_ensures_no_internal_node_is_left():
+    from onnx_lower.errors import LoweringError
+    from onnx_lower.pass_manager import LoweringModel, get_pass
+    from onnx_lower.pipelines import PIPELINES, build_pipeline
+
+    names = PIPELINES["mlp"]
+    work = LoweringModel.from_proto(onnx.load("models/avgpool_strided.onnx"))
+    build_pipeline(passes=list(names[: names.index("emit-affine")]))(work)
+    emit = get_pass("emit-affine")
+    with pytest.raises(LoweringError, match="internal nodes are left"):
+        emit.ensures(work)  # before emission the Affine nodes are still there
+    emit(work)  # run + ensures: passes
+    assert not any(n.domain == "ai.onnx_lower" for n in work.graph.nodes)
