@@ -44,6 +44,7 @@ __all__ = [
     "broadcast_matrix",
     "compose",
     "pending_weight_bytes",
+    "layer_label",
     "is_identity",
     "as_term",
     "to_dense",
@@ -56,11 +57,16 @@ _PAYLOAD = "affine"
 
 @dataclasses.dataclass
 class AffineMap:
-    """``y = Σ_i terms[i] · x_i + bias`` on per-sample flat vectors."""
+    """``y = Σ_i terms[i] · x_i + bias`` on per-sample flat vectors.
+
+    ``sources`` names the nodes of the original model this map computes (several once folded),
+    so a costly matrix can be traced back to the model (budget errors, ``--dry-run``).
+    """
 
     terms: list[sp.csr_matrix]
     bias: np.ndarray | None
     out_shape: tuple[int, ...]
+    sources: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.terms = [as_term(t) for t in self.terms]
@@ -100,6 +106,17 @@ class AffineMap:
     def summary(self) -> str:
         ins = ",".join(str(n) for n in self.in_sizes)
         return f"Affine(in=[{ins}], out={list(self.out_shape)}, nnz={self.nnz})"
+
+    def label(self, name: str) -> str:
+        return layer_label(name, self.sources)
+
+
+def layer_label(name: str, sources: Sequence[str]) -> str:
+    """``name``, followed by the original nodes it was folded from when there are several."""
+    if len(sources) < 2:
+        return name
+    shown = sources if len(sources) <= 4 else (sources[0], "…", sources[-1])
+    return f"{name} (folded from {len(sources)} nodes: {' + '.join(shown)})"
 
 
 #: Fraction of nonzeros above which a composed term is kept as a dense array.
@@ -151,11 +168,20 @@ def affine_of(node: gs.Node) -> AffineMap | None:
 
 
 def make_affine(
-    inputs: Sequence[gs.Tensor], output: gs.Variable, amap: AffineMap, name: str
+    inputs: Sequence[gs.Tensor],
+    output: gs.Variable,
+    amap: AffineMap,
+    name: str,
+    source: str | None = None,
 ) -> gs.Node:
-    """A new Affine node ``output = amap(inputs)``; the caller appends it to the graph."""
+    """A new Affine node ``output = amap(inputs)``; the caller appends it to the graph.
+
+    ``source`` is the original node it lowers (default ``name``).
+    """
     if len(inputs) != len(amap.terms):
         raise ValueError(f"{len(inputs)} inputs for {len(amap.terms)} terms")
+    if not amap.sources:
+        amap.sources = (source or name,)
     return gs.Node(
         op=AFFINE_OP,
         name=name,
@@ -286,4 +312,5 @@ def compose(
         if not isinstance(term, np.ndarray):
             term.eliminate_zeros()
             term.sort_indices()
-    return AffineMap(terms, bias, outer.out_shape), inputs
+    sources = tuple(dict.fromkeys(inner.sources + outer.sources))
+    return AffineMap(terms, bias, outer.out_shape, sources), inputs

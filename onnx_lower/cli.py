@@ -87,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`| head`): the work is done, keep its status, say no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return getattr(args, "status", EXIT_OK)
     except Exception as exc:  # a bug: say so, and how to report it
         if args.verbose:
             traceback.print_exc()
@@ -156,6 +160,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress.done()
         if not report.validation.passed:
             status = EXIT_VALIDATION
+    args.status = status  # kept if printing the summary fails on a closed pipe
     if args.benchmark:
         from .benchmark import benchmark
 

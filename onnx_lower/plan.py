@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from . import cost
+from .affine import layer_label
 from .errors import BudgetExceededError, LoweringError
 
 __all__ = ["Plan", "LayerPlan", "make_plan", "MLP_MAX_MACS"]
@@ -34,6 +35,7 @@ MLP_MAX_MACS = 200_000_000
 @dataclasses.dataclass
 class LayerPlan:
     name: str
+    sources: list[str]
     inputs: int
     outputs: int
     bytes: int
@@ -65,11 +67,13 @@ class Plan:
                 f"dense weights (budget {self.budget_bytes / mb:,.0f} MB)"
             )
             width = max([len(layer.name) for layer in self.layers] + [5])
-            lines.append(f"  {'layer':<{width}} {'in':>8} {'out':>8} {'MB':>10} {'MACs':>12}")
+            lines.append(
+                f"  {'layer':<{width}} {'in':>8} {'out':>8} {'MB':>10} {'MACs':>12}  from"
+            )
             for layer in sorted(self.layers, key=lambda la: -la.bytes):
                 lines.append(
                     f"  {layer.name:<{width}} {layer.inputs:>8} {layer.outputs:>8} "
-                    f"{layer.bytes / mb:>10.2f} {layer.macs:>12,}"
+                    f"{layer.bytes / mb:>10.2f} {layer.macs:>12,}  {' + '.join(layer.sources)}"
                 )
         return lines
 
@@ -97,7 +101,8 @@ def make_plan(model: onnx.ModelProto, budget_bytes: int, *, exact: bool = True) 
     total = sum(layer.bytes for layer in layers)
     if total > budget_bytes:
         worst = max(layers, key=lambda la: la.bytes)
-        reason = str(BudgetExceededError(worst.name, worst.bytes, budget_bytes, total))
+        label = layer_label(worst.name, worst.sources)
+        reason = str(BudgetExceededError(label, worst.bytes, budget_bytes, total))
         return Plan("im2col", reason, region, macs, total, budget_bytes, layers)
     reason = f"the mlp weights ({total / 2**20:,.1f} MB) fit the budget"
     return Plan("mlp", reason, region, macs, total, budget_bytes, layers)
@@ -124,6 +129,7 @@ def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
             layers.append(
                 LayerPlan(
                     node.name,
+                    list(amap.sources),
                     sum(amap.in_sizes),
                     amap.out_size,
                     amap.dense_elements * itemsize,

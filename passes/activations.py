@@ -144,7 +144,7 @@ class _Builder:
         ):
             return inputs[0]
         out = self._tensor(tag, amap.out_shape)
-        self._insert(make_affine(inputs, out, amap, out.name))
+        self._insert(make_affine(inputs, out, amap, out.name, source=self.node.name))
         return out
 
     def relu(self, x: gs.Tensor, tag: str = "relu") -> gs.Tensor:

@@ -74,7 +74,7 @@ class EmitAffinePass(GraphPass):
         budget = model.options.max_weight_bytes
         if layers and total > budget:
             node, worst = max(layers, key=lambda nb: nb[1])
-            raise BudgetExceededError(node.name, worst, budget, total)
+            raise BudgetExceededError(affine_of(node).label(node.name), worst, budget, total)
         model.notes["emitted_weight_bytes"] = total
         model.notes["emitted_matmuls"] = sum(
             sum(not is_identity(t) for t in affine_of(n).terms) for n, _ in layers

@@ -825,7 +825,7 @@ class Lowering:
         new = []
         for out, amap in zip(outputs, self.maps):
             inputs, amap = merge_terms(self.inputs, amap)
-            new.append(make_affine(inputs, out, amap, out.name))
+            new.append(make_affine(inputs, out, amap, out.name, source=node.name))
         graph.nodes[index : index + 1] = new
         return new
 

@@ -334,7 +334,8 @@ def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, ke
         # the pool's own shape, not the inferred one: onnx's inference for opsets < 22 keeps a
         # ceil_mode window that starts past the input, which onnxruntime drops
         shape = list(t.out_shape) if output is out else [output.shape[1]]
-        graph.nodes.append(make_affine(inputs, output, AffineMap(terms, None, shape), name))
+        amap = AffineMap(terms, None, shape)
+        graph.nodes.append(make_affine(inputs, output, amap, name, source=node.name))
 
     if out.shape is None:
         out.shape = [batch, *t.out_shape]

@@ -569,3 +569,17 @@ def test_lowering_is_deterministic(outdir, sample, form):
         assert p.returncode == 0, err
     a, b = (outdir / "0.onnx").read_bytes(), (outdir / "1.onnx").read_bytes()
     assert a == b, f"{sample} ({form}): the two lowered files differ"
+
+
+def test_closed_stdout_pipe_is_not_an_internal_error(tmp_path):
+    """`onnx-lower ... | head -1`: the reader goes away; no traceback, the status is kept."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnx_lower", str(SAMPLE), str(tmp_path / "o.onnx"), "--form",
+         "mlp", "-v"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=_env(),
+    )
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "internal error" not in err and "Traceback" not in err

@@ -188,3 +188,16 @@ def test_emission_ensures_no_internal_node_is_left():
         emit.ensures(work)  # before emission the Affine nodes are still there
     emit(work)  # run + ensures: passes
     assert not any(n.domain == "ai.onnx_lower" for n in work.graph.nodes)
+
+
+def test_budget_error_names_the_original_nodes_a_folded_layer_came_from():
+    n1, i1 = _conv("conv_a", "x", "a", 3, 8, pads=[1, 1, 1, 1])
+    scale = {"bn.s": RNG.random(8) + 0.5, "bn.b": RNG.random(8), "bn.m": RNG.random(8),
+             "bn.v": RNG.random(8) + 0.5}
+    bn = helper.make_node("BatchNormalization", ["a", "bn.s", "bn.b", "bn.m", "bn.v"], ["y"],
+                          name="bn_a")
+    model = _model([n1, bn], {**i1, **scale}, [1, 3, 32, 32])
+    with pytest.raises(BudgetExceededError, match=r"folded from 2 nodes: conv_a \+ bn_a"):
+        onnx_lower.lower(model, form="mlp", max_weight_mb=10)
+    plan = onnx_lower.plan(model, max_weight_mb=10)
+    assert plan.form == "im2col" and [la.sources for la in plan.layers] == [["conv_a", "bn_a"]]

@@ -244,7 +244,7 @@ def test_optional_parts_are_null(tmp_path):
 
 
 PLAN_KEYS = {"form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers"}
-PLAN_LAYER_KEYS = {"name", "inputs", "outputs", "bytes", "macs"}
+PLAN_LAYER_KEYS = {"name", "sources", "inputs", "outputs", "bytes", "macs"}
 
 
 def test_dry_run_report_is_a_plan(tmp_path):
