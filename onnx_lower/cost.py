@@ -16,6 +16,8 @@ import math
 
 import onnx
 
+from .model_io import tensor_bytes
+
 __all__ = ["weight_bytes", "count_macs"]
 
 
@@ -23,21 +25,17 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all initializers (dense and sparse) and Constant node values."""
     total = 0
     for t in model.graph.initializer:
-        total += _tensor_bytes(t)
+        total += tensor_bytes(t)
     for st in model.graph.sparse_initializer:
-        total += _tensor_bytes(st.values) + _tensor_bytes(st.indices)
+        total += tensor_bytes(st.values) + tensor_bytes(st.indices)
     for n in model.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
-                    total += _tensor_bytes(a.t)
+                    total += tensor_bytes(a.t)
     return total
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = math.prod(t.dims)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return n * itemsize
 
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:

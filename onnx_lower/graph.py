@@ -12,6 +12,7 @@ Passes edit ``gs.Graph`` objects through these helpers and never touch protobuf.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -184,11 +185,16 @@ def constant_bytes(graph: gs.Graph) -> int:
         for node in sub.nodes:
             for t in node.inputs:
                 if isinstance(t, gs.Constant) and id(t) not in seen:
-                    seen[id(t)] = int(np.asarray(t.values).nbytes)
+                    seen[id(t)] = _nbytes(t)
             value = node.attrs.get("value") if is_op(node, "Constant") else None
             if isinstance(value, gs.Constant) and id(value) not in seen:
-                seen[id(value)] = int(np.asarray(value.values).nbytes)
+                seen[id(value)] = _nbytes(value)
     return sum(seen.values())
+
+
+def _nbytes(t: gs.Constant) -> int:
+    """Bytes of a constant from its shape and dtype, without loading lazy values."""
+    return math.prod(int(d) for d in t.shape) * np.dtype(t.dtype).itemsize
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:

@@ -8,6 +8,7 @@ overwritten. Models over 2 GB, or any model when asked, are saved with external 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -63,13 +64,19 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
         )
     if check:
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(skeleton(model))
         except (onnx.checker.ValidationError, ValueError) as exc:
             raise InvalidModelError(
                 f"{where} fails the ONNX checker: {_one_line(exc)}. Fix the model at its source, "
                 f"or check it with `python -m onnx.checker`"
             ) from None
     return model
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type (reading ``raw_data`` would copy it)."""
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * itemsize
 
 
 def _load_external(model: onnx.ModelProto, path: Path) -> None:
@@ -246,7 +253,7 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
         getattr(dst, name).extend(getattr(src, name))
     listed = {i.name for i in src.input}
     for t in src.initializer:
-        if len(t.raw_data) + 4 * len(t.float_data) <= max_bytes:
+        if tensor_bytes(t) <= max_bytes:
             dst.initializer.append(t)
         elif t.name not in listed:
             dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
