@@ -15,8 +15,13 @@ second, drift-robust estimate of the same thing.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import platform
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +37,7 @@ from onnx_lower.validate import (
     resolve_inputs,
 )
 
-__all__ = ["LatencyReport", "LatencyStats", "benchmark"]
+__all__ = ["LatencyReport", "LatencyStats", "benchmark", "machine_info"]
 
 
 @dataclass
@@ -200,3 +205,37 @@ def benchmark(model_a: ModelLike, model_b: ModelLike, *, threads: int = 1, warmu
         batch=int(batch),
         order="".join(order),
     )
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU, cores and library versions a latency was measured with (for BENCHMARKS.md)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "onnxruntime": version("onnxruntime"),
+        "onnx": version("onnx"),
+        "numpy": version("numpy"),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }

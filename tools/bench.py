@@ -34,17 +34,14 @@ values are noise and the ratio is the figure to quote.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +51,10 @@ SAMPLES = REPO_ROOT / "models"
 FORMS = ("auto", "mlp", "im2col", "fold-only")
 MB = 1024 * 1024
 SCHEMA = "onnx_lower.bench/1.0"
+
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+from onnx_lower.benchmark import machine_info  # noqa: E402
 
 # Runs ``python -m onnx_lower ARGS`` in this process and writes its own peak RSS (bytes) to the
 # file named by argv[1]. Exit code and output are the CLI's.
@@ -295,39 +296,6 @@ def fill_from_report(row: dict, r: dict) -> None:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "python": platform.python_version(),
-        "onnxruntime": version("onnxruntime"),
-        "onnx": version("onnx"),
-        "numpy": version("numpy"),
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
 
 
 def _mb(n: Any) -> str:

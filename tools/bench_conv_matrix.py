@@ -26,6 +26,7 @@ import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from onnx_lower.benchmark import machine_info  # noqa: E402
 from passes.conv import (  # noqa: E402
     conv_matrix,
     conv_nnz,
@@ -65,16 +66,6 @@ def predicted_nnz(op: str, in_shape, w_shape, attrs) -> int:
     return fn(in_shape, w_shape, **attrs)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def peak_memory(op: str, in_shape, weight, attrs) -> tuple[int, int]:
     """``(peak traced bytes while building, nnz)``; the weight is allocated before tracing."""
     tracemalloc.start()
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if largest is None or nnz > largest[0]:
             largest = (nnz, name, op, in_shape, weight, attrs)
 
-    print(f"machine: {platform.platform()}; CPU: {cpu_model()}")
+    print(f"machine: {platform.platform()}; CPU: {machine_info()['cpu']}")
     print(
         f"Python {platform.python_version()}; numpy {np.__version__}; scipy {scipy.__version__}; "
         f"median of {args.runs} runs\n"

@@ -23,7 +23,6 @@ note), the samples in ``models/`` and ``../shared/corpus/*.onnx``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -37,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 import onnx  # noqa: E402
 
 import onnx_lower  # noqa: E402
-from onnx_lower.benchmark import benchmark  # noqa: E402
+from onnx_lower.benchmark import benchmark, machine_info  # noqa: E402
 from onnx_lower.errors import LoweringError  # noqa: E402
 from onnx_lower.validate import validate  # noqa: E402
 
@@ -45,14 +44,6 @@ IMAGENET = ("resnet18", "resnet50", "vgg11", "mobilenetv2", "squeezenet")
 IMAGENET_DIR = REPO_ROOT / "models" / "imagenet"
 SAMPLES_DIR = REPO_ROOT / "models"
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"
-
-
-def machine_info() -> dict:
-    """CPU, cores and library versions (the one implementation lives in tools/bench.py)."""
-    spec = importlib.util.spec_from_file_location("_bench", REPO_ROOT / "tools" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.machine_info()
 
 
 def default_models() -> tuple[list[Path], list[str]]:
