@@ -452,8 +452,13 @@ def _softmax_violation(node: gs.Node, opset: int) -> str | LoweringError | None:
 
 
 def mlp_violation(node: gs.Node, graph: gs.Graph, opset: int) -> str | LoweringError | None:
-    """Why ``node`` is not allowed in the mlp form (None if it is)."""
-    if is_affine(node) or is_op(node, "Relu", "Constant", "Flatten", "Reshape"):
+    """Why ``node`` is not allowed in the mlp form (None if it is).
+
+    Flatten and Reshape are not allowed as such here: one still present was refused by
+    lower-linear (it moves data across the batch axis), so it is not a per-sample map. The
+    Flatten/Reshape of the final form are made by emission, after this check.
+    """
+    if is_affine(node) or is_op(node, "Relu", "Constant"):
         return None
     if is_op(node, *_AXIS_OPS):
         return _softmax_violation(node, opset)

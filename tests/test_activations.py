@@ -308,3 +308,11 @@ CONFORMANCE_COUNTS: dict[str, tuple[int, int]] = {}
 )
 def test_backend_conformance(op):
     run_conformance(op, SKIP, CONFORMANCE_COUNTS)
+
+
+def test_check_mlp_refuses_a_flatten_that_merges_the_batch():
+    """Flatten(axis=0) over a dynamic batch is not per-sample: refused, not passed through."""
+    model = graph_model([helper.make_node("Flatten", ["x"], ["y"], axis=0)], {"x": (3, 4)},
+                        opset=13)
+    with pytest.raises(UnsupportedOpError, match="Flatten"):
+        run_check(model)
