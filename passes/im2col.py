@@ -475,6 +475,15 @@ def space_to_depth_taps(spatial, kernel, strides, pads, dilations, block=None) -
                         math.prod(block))
 
 
+def _refusal_reason(node: gs.Node) -> str:
+    """Why a conv/pool/BN node was not lowered: a non-float input, else an unknown shape."""
+    x = node.inputs[0]
+    if x.dtype is not None and np.dtype(x.dtype).kind != "f":
+        dtype = np.dtype(x.dtype)
+        return f"its input '{x.name}' has type {dtype}; only float activations are lowered"
+    return "its input needs a known rank >= 3 and static non-batch dimensions"
+
+
 def channels_last_constant(value: np.ndarray, rank: int, channels: int,
                            spatial: Sequence[int]) -> np.ndarray | None:
     """A constant broadcasting against ``(N, C, *spatial)`` rewritten for ``(N, S, C)``.
@@ -871,9 +880,7 @@ class _Lowering:
                 g.detach(node)
             else:
                 if node.op in LOWERED_OPS:
-                    raise UnsupportedOpError(
-                        node.name, node.op, FORM,
-                        "its input needs a known rank >= 3 and static non-batch dimensions")
+                    raise UnsupportedOpError(node.name, node.op, FORM, _refusal_reason(node))
                 self.generic(node)
         for t in self.graph.outputs:
             self.ensure_nchw(t)

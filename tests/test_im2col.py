@@ -495,3 +495,19 @@ def test_conv_windows_agree_with_resolve_pads():
     win = im2col.conv_windows((7, 7), (3, 3), (2, 2), None, (1, 1), "SAME_UPPER")
     assert win.out_shape == (4, 4) and math.prod(win.out_shape) == win.taps.shape[0]
     assert pads == (1, 1, 1, 1)
+
+
+def test_integer_maxpool_refusal_names_the_dtype():
+    from onnx import TensorProto, helper
+
+    from onnx_lower.errors import UnsupportedOpError
+
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 3, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with pytest.raises(UnsupportedOpError, match="type uint8; only float activations"):
+        onnx_lower.lower(model, form="im2col")
