@@ -36,6 +36,7 @@ from hypothesis.errors import InvalidArgument
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lower
+from onnx_lower.windows import output_extent
 from passes.im2col import LOWERED_OPS
 from tests.oracles import run_model, run_op
 
@@ -117,19 +118,12 @@ class Net:
 
 
 def conv_out(n: int, k: int, s: int, pb: int, pe: int, d: int) -> int:
-    return (n + pb + pe - d * (k - 1) - 1) // s + 1
+    return output_extent(n, k, s, d, pb, pe)
 
 
 def pool_out(n: int, k: int, s: int, pb: int, pe: int, d: int, ceil: bool) -> int:
-    """Output extent of a pool, onnxruntime's rule: with ceil_mode, a last window that would
-    start in the end padding is dropped."""
-    span = n + pb + pe - d * (k - 1) - 1
-    if not ceil:
-        return span // s + 1
-    out = -(-span // s) + 1
-    if (out - 1) * s >= n + pb:
-        out -= 1
-    return out
+    """Output extent of a pool (the library's rule, checked against onnxruntime below)."""
+    return output_extent(n, k, s, d, pb, pe, ceil)
 
 
 def _kernels(spatial: tuple[int, ...], max_d: int) -> list[tuple[int, int]]:
