@@ -50,6 +50,7 @@ def lower(
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     start = time.perf_counter()
     original = load_model(model)
+    before = model_stats(original)  # also feeds the auto plan its MAC count
     loaded = time.perf_counter()
     options = Options(
         form=form,
@@ -63,7 +64,7 @@ def lower(
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(original, options, passes=list(passes))
     elif form == "auto":
-        first = make_plan(original, options.max_weight_bytes, exact=False)
+        first = make_plan(original, options.max_weight_bytes, exact=False, macs=before.macs)
         used, reason = first.form, first.reason
         if used == "mlp":
             try:
@@ -88,7 +89,7 @@ def lower(
         form=form,
         form_used=used,
         form_reason=reason,
-        before=model_stats(original),
+        before=before,
         after=model_stats(lowered),
         passes=records,
         options={

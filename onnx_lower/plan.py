@@ -78,9 +78,15 @@ class Plan:
         return lines
 
 
-def make_plan(model: onnx.ModelProto, budget_bytes: int, *, exact: bool = True) -> Plan:
-    """Decide the form of ``model`` under ``budget_bytes`` (the ``auto`` rule)."""
-    macs = cost.count_macs(model)
+def make_plan(
+    model: onnx.ModelProto, budget_bytes: int, *, exact: bool = True, macs: int | None = None
+) -> Plan:
+    """Decide the form of ``model`` under ``budget_bytes`` (the ``auto`` rule).
+
+    ``macs`` is the model's MAC count if the caller has it already.
+    """
+    if macs is None:
+        macs = cost.count_macs(model)
     region = model.graph.name or "main"
     if macs > MLP_MAX_MACS:
         return Plan(
