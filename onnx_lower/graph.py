@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import DynamicShapeError, InvalidModelError
@@ -138,8 +140,18 @@ def _fill_large(graph_proto: onnx.GraphProto, large: dict) -> None:
 
     for init in graph_proto.initializer:
         if init.name in large:
-            init.CopyFrom(numpy_helper.from_array(large[init.name][1], init.name))
-            large[init.name] = (large[init.name][0], None)  # the proto holds the bytes now
+            values = large[init.name][1]
+            large[init.name] = (large[init.name][0], None)
+            empty = numpy_helper.from_array(values.reshape(-1)[:0], init.name)
+            if values.dtype.kind in "biuf" and sys.byteorder == "little":
+                # filled in place: from_array + CopyFrom would hold the bytes twice
+                init.Clear()
+                init.name, init.data_type = empty.name, empty.data_type
+                init.dims.extend(values.shape)
+                init.raw_data = np.ascontiguousarray(values).tobytes()
+            else:
+                init.CopyFrom(numpy_helper.from_array(values, init.name))
+            del values  # the proto holds the bytes now
     for node in graph_proto.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
@@ -198,8 +210,15 @@ def _nbytes(t: gs.Constant) -> int:
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node output), else None."""
+    """The value of a constant tensor (initializer or Constant node output), else None.
+
+    A weight still lazily backed by the input proto is read without being cached on the
+    tensor: a pass that replaces the weight then frees the copy it read, where the cached copy
+    would stay resident beside the replacement until the old tensor leaves the graph.
+    """
     if isinstance(tensor, gs.Constant):
+        if isinstance(tensor._values, LazyValues):
+            return np.asarray(tensor._values.load())
         return np.asarray(tensor.values)
     node = producer(tensor)
     if node is not None and is_op(node, "Constant"):

@@ -234,6 +234,21 @@ def to_sparse_storage(model: onnx.ModelProto, max_density: float = 0.5) -> int:
     return moved
 
 
+def header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its graph and functions: IR version, opsets, producer, metadata.
+
+    Built field by field for the reason :func:`skeleton` gives; ``CopyFrom`` then ``Clear`` of
+    the graph would keep every weight's bytes resident in the copy's arena.
+    """
+    light = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                 "doc_string"):
+        setattr(light, name, getattr(model, name))
+    for name in ("opset_import", "metadata_props"):
+        getattr(light, name).extend(getattr(model, name))
+    return light
+
+
 def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     """A copy of ``model`` whose large initializers are typed graph inputs instead.
 
@@ -242,11 +257,8 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     built field by field: protobuf arenas never return memory, so even a temporary full copy
     would stay resident.
     """
-    light = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(light, name, getattr(model, name))
-    for name in ("opset_import", "metadata_props", "functions"):
-        getattr(light, name).extend(getattr(model, name))
+    light = header(model)
+    light.functions.extend(model.functions)
     src, dst = model.graph, light.graph
     dst.name, dst.doc_string = src.name, src.doc_string
     for name in ("node", "input", "output", "value_info", "quantization_annotation"):

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from . import graph as g
 from .affine import pending_weight_bytes
 from .errors import LoweringError, PassVerificationError
+from .model_io import header
 
 __all__ = [
     "LoweringModel",
@@ -69,11 +70,7 @@ class LoweringModel:
 
     @classmethod
     def from_proto(cls, model: onnx.ModelProto, options: Options | None = None) -> LoweringModel:
-        template = onnx.ModelProto()
-        template.CopyFrom(model)
-        template.graph.Clear()
-        del template.functions[:]
-        return cls(g.import_graph(model), template, options or Options())
+        return cls(g.import_graph(model), header(model), options or Options())
 
     def to_proto(self, *, release: bool = False) -> onnx.ModelProto:
         """The model as protobuf; ``release=True`` frees weights as they are exported (final)."""

@@ -511,3 +511,16 @@ def test_integer_maxpool_refusal_names_the_dtype():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     with pytest.raises(UnsupportedOpError, match="type uint8; only float activations"):
         onnx_lower.lower(model, form="im2col")
+
+
+@pytest.mark.parametrize("n,c,s", [(7, 3, 5), (300, 70, 9), (5, 40, 1), (129, 33, 2)])
+@pytest.mark.parametrize("trans", [False, True])
+def test_cl_rows_reorders_classifier_rows(n, c, s, trans):
+    """``_cl_rows``: rows ``c·S + s`` of the (transposed) weight become rows ``s·C + c``."""
+    rng = np.random.default_rng(n)
+    b = rng.standard_normal((n, c * s) if trans else (c * s, n)).astype(np.float32)
+    dense = b.T if trans else b
+    want = dense.reshape(c, s, n).transpose(1, 0, 2).reshape(c * s, n)
+    got = im2col._cl_rows(b, (c, s), trans)
+    assert got.flags.c_contiguous and np.array_equal(got, want)
+    assert np.array_equal(im2col._cl_rows(b, None, trans), dense)

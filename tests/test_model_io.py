@@ -268,3 +268,66 @@ def test_load_accepts_a_model_proto():
     broken.graph.node[0].input[0] = "nowhere"
     with pytest.raises(InvalidModelError, match="the model fails the ONNX checker"):
         load_model(broken)
+
+
+def _weighted_model(size: int = 300_000) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(size, dtype=np.float32).reshape(1, -1), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["w", "x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w],
+    )
+    model = helper.make_model(graph, producer_name="p", doc_string="d")
+    helper.set_model_props(model, {"k": "v"})
+    return model
+
+
+def test_header_keeps_metadata_and_no_graph():
+    """The template of a LoweringModel is built field by field: no copy of the weights."""
+    model = _weighted_model()
+    head = model_io.header(model)
+    assert not head.HasField("graph") and not head.functions
+    assert head.ByteSize() < 200
+    for field in ("ir_version", "producer_name", "doc_string"):
+        assert getattr(head, field) == getattr(model, field)
+    assert list(head.opset_import) == list(model.opset_import)
+    assert list(head.metadata_props) == list(model.metadata_props)
+
+
+def test_const_value_does_not_cache_lazy_weights():
+    """Reading a weight backed by the input proto leaves the tensor lazy, so the copy is freed."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnx_lower import graph as g
+
+    gs_graph = g.import_graph(_weighted_model())
+    w = gs_graph.tensors()["w"]
+    assert isinstance(w._values, LazyValues)
+    value = g.const_value(w)
+    assert value.shape == (1, 300_000) and value[0, -1] == 299_999
+    assert isinstance(w._values, LazyValues)
+
+
+def test_export_fills_large_weights_in_place():
+    """Large eager constants are written into the proto directly, bit for bit, any dtype."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_lower import graph as g
+
+    model = _weighted_model()
+    gs_graph = g.import_graph(model)
+    values = {
+        "w": np.linspace(-1, 1, 300_000, dtype=np.float32).reshape(1, -1),
+        "i": np.arange(400_000, dtype=np.int64),
+        "h": np.linspace(0, 1, 600_000).astype(np.float16),
+    }
+    gs_graph.tensors()["w"].values = values["w"]
+    for name in ("i", "h"):
+        y = gs.Variable(f"{name}_out")
+        gs_graph.nodes.append(gs.Node("Identity", inputs=[gs.Constant(name, values[name])],
+                                      outputs=[y]))
+        gs_graph.outputs.append(y)
+    out = g.export_model(gs_graph, model, release=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for name, want in values.items():
+        assert inits[name].dtype == want.dtype and np.array_equal(inits[name], want), name
