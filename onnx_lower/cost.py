@@ -36,14 +36,17 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-
-
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     """MACs of one inference at ``batch``, using shapes from ONNX shape inference."""
     from .model_io import skeleton
 
+    fixed = skeleton(model)
+    for vi in fixed.graph.input:  # a concrete batch flows through Reshape(-1, ...) of im2col
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = batch
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
+        inferred = onnx.shape_inference.infer_shapes(fixed)
     except Exception:
         inferred = model
     shapes: dict[str, list] = {}
