@@ -4,13 +4,17 @@
 :mod:`onnx_lower.pipelines`), checks that no internal node is left and that the result passes the
 ONNX checker, and returns the lowered model with a :class:`~onnx_lower.report.Report`.
 
-``form="auto"`` tries the mlp form first. When its emitted weights would exceed the budget, or
-it meets an op it cannot keep, the im2col form lowers the model instead; the report's
-``form_reason`` says which and why.
+``form="auto"`` decides per region (:mod:`onnx_lower.regions`), in graph order: the mlp form
+when the region is tractable and its emitted weights fit the budget the earlier regions left,
+else im2col (also when mlp meets an op it cannot keep). Regions lowered apart are stitched back
+by name; when all of them need im2col the graph is lowered at once. The report's ``regions``
+and ``form_reason`` say which form each region got and why; ``form_used`` is ``mixed`` when
+they differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -22,9 +26,10 @@ from . import graph as g
 from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
-from .pipelines import FORMS, build_pipeline
+from .pipelines import CANONICALIZE, FORMS, build_pipeline
 from .plan import Plan, make_plan
-from .report import ModelStats, Report
+from .regions import Region, extract_region, find_regions, stitch
+from .report import ModelStats, RegionReport, Report
 
 __all__ = ["lower", "plan", "model_stats"]
 
@@ -60,23 +65,12 @@ def lower(
         dump_dir=dump_dir,
         progress=progress,
     )
+    regions: list[RegionReport] = []
     if passes:
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(original, options, passes=list(passes))
     elif form == "auto":
-        first = make_plan(original, options.max_weight_bytes, exact=False, macs=before.macs)
-        used, reason = first.form, first.reason
-        if used == "mlp":
-            try:
-                lowered, records, notes = _run(original, options, form="mlp")
-                reason = (
-                    f"the mlp weights ({notes.get('emitted_weight_bytes', 0) / MB:,.1f} MB) fit "
-                    f"the budget of {max_weight_mb:,.0f} MB"
-                )
-            except (BudgetExceededError, UnsupportedOpError) as exc:
-                used, reason = "im2col", f"mlp not possible: {exc}"
-        if used == "im2col":
-            lowered, records, notes = _run(original, options, form="im2col")
+        used, reason, lowered, records, notes, regions = _lower_auto(original, options, before)
     else:
         used = form
         reason = "requested"
@@ -100,13 +94,166 @@ def lower(
         notes=notes,
         timings={"load_s": loaded - start, "lower_s": done - loaded},
         input=str(model) if not isinstance(model, onnx.ModelProto) else None,
+        regions=regions,
     )
     return lowered, report
 
 
-def plan(model: ModelSource, *, max_weight_mb: float = 1024) -> Plan:
-    """What ``form="auto"`` would do, with the exact mlp bytes per layer; writes nothing."""
-    return make_plan(load_model(model), int(max_weight_mb * MB), exact=True)
+def _lower_auto(
+    original: onnx.ModelProto, options: Options, before: ModelStats
+) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
+    """``form="auto"``: mlp where it fits, im2col elsewhere, decided per region."""
+    pieces = find_regions(original)
+    if len(pieces) > 1:  # regions are cut on the canonical graph, whose tensors are all typed
+        canonical, canon_records, _ = _run(original, options, passes=list(CANONICALIZE))
+        pieces = find_regions(canonical)
+        if len(pieces) > 1:
+            return _lower_regions(canonical, pieces, options, canon_records)
+    first = make_plan(original, options.max_weight_bytes, exact=False, macs=before.macs)
+    used, reason = first.form, first.reason
+    if used == "mlp":
+        try:
+            lowered, records, notes = _run(original, options, form="mlp")
+            reason = (
+                f"the mlp weights ({notes.get('emitted_weight_bytes', 0) / MB:,.1f} MB) fit "
+                f"the budget of {options.max_weight_bytes / MB:,.0f} MB"
+            )
+        except (BudgetExceededError, UnsupportedOpError) as exc:
+            used, reason = "im2col", f"mlp not possible: {exc}"
+    if used == "im2col":
+        lowered, records, notes = _run(original, options, form="im2col")
+    whole = pieces[0] if pieces else None
+    region = RegionReport(
+        name=whole.name if whole else "main",
+        form=used,
+        reason=reason,
+        nodes=len(original.graph.node),
+        inputs=list(whole.inputs) if whole else [],
+        outputs=list(whole.outputs) if whole else [],
+        macs=before.macs,
+        weight_bytes=cost.weight_bytes(lowered),
+    )
+    return used, reason, lowered, records, notes, [region]
+
+
+def _lower_regions(
+    canonical: onnx.ModelProto,
+    pieces: list[Region],
+    options: Options,
+    canon_records: list[PassRecord],
+) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
+    """Decide each region in graph order against the budget left, lower, and stitch.
+
+    When every region needs im2col the whole graph is lowered at once instead: a region exit
+    and entry costs two Transposes, which cutting at every kept op would add for nothing.
+    """
+    remaining = options.max_weight_bytes
+    decided: list[tuple[Region, onnx.ModelProto, str, str, tuple | None, int]] = []
+    for piece in pieces:
+        sub = extract_region(canonical, piece)
+        macs = cost.count_macs(sub)
+        first = make_plan(sub, remaining, exact=False, macs=macs)
+        form, reason, result = first.form, first.reason, None
+        if form == "mlp":
+            try:
+                result = _run(sub, dataclasses.replace(options, max_weight_bytes=remaining),
+                              form="mlp")
+                spent = result[2].get("emitted_weight_bytes", 0)
+                reason = (
+                    f"its mlp weights ({spent / MB:,.1f} MB) fit the budget left "
+                    f"({remaining / MB:,.1f} of {options.max_weight_bytes / MB:,.0f} MB)"
+                )
+                remaining -= spent
+            except (BudgetExceededError, UnsupportedOpError) as exc:
+                form, reason = "im2col", f"mlp not possible: {exc}"
+        decided.append((piece, sub, form, reason, result, macs))
+    forms = {form for _, _, form, _, _, _ in decided}
+    if forms == {"im2col"}:
+        lowered, records, notes = _run(canonical, options, form="im2col")
+        used = "im2col"
+        reason = f"all {len(pieces)} regions need the im2col form; lowered as one graph"
+        results = [None] * len(decided)
+    else:
+        results = [
+            result or _run(sub, options, form="im2col")
+            for _, sub, _, _, result, _ in decided
+        ]
+        lowered = stitch(canonical, pieces, [r[0] for r in results])
+        records = list(canon_records)
+        notes = {}
+        for (piece, *_), (_, recs, sub_notes) in zip(decided, results, strict=True):
+            records.extend(
+                dataclasses.replace(r, name=f"{piece.name}/{r.name}") for r in recs
+            )
+            _merge_notes(notes, sub_notes)
+        used = forms.pop() if len(forms) == 1 else "mixed"
+        counts = ", ".join(
+            f"{sum(f == form for _, _, f, _, _, _ in decided)} {form}" for form in ("mlp", "im2col")
+        )
+        reason = f"{len(pieces)} regions, each in its own form ({counts})"
+    regions = [
+        RegionReport(
+            name=piece.name,
+            form=form,
+            reason=why,
+            nodes=len(piece.nodes),
+            inputs=list(piece.inputs),
+            outputs=list(piece.outputs),
+            macs=macs,
+            weight_bytes=cost.weight_bytes(result[0]) if result is not None else None,
+        )
+        for (piece, _, form, why, _, macs), result in zip(decided, results, strict=True)
+    ]
+    return used, reason, lowered, records, notes, regions
+
+
+def _merge_notes(into: dict, notes: dict) -> None:
+    """Lists are concatenated, counts and fold summaries added, anything else kept first."""
+    for key, value in notes.items():
+        if key not in into:
+            into[key] = dict(value) if isinstance(value, dict) else value
+        elif isinstance(value, list):
+            into[key] = list(into[key]) + value
+        elif isinstance(value, int | float):
+            into[key] += value
+        elif key == "fold_summary":
+            into[key] = {k: into[key][k] + value[k] for k in value}
+
+
+def plan(model: ModelSource, *, max_weight_mb: float = 1024, per_region: bool = True) -> Plan:
+    """What ``form="auto"`` would do, with the exact mlp bytes per layer; writes nothing.
+
+    With ``per_region`` a graph of several regions gets one plan per region (``Plan.regions``),
+    as ``form="auto"`` lowers it; without, one plan of the whole graph (``form="mlp"``).
+    """
+    budget = int(max_weight_mb * MB)
+    original = load_model(model)
+    pieces = find_regions(original) if per_region else []
+    if len(pieces) > 1:
+        canonical, _, _ = _run(original, Options(form="auto"), passes=list(CANONICALIZE))
+        pieces = find_regions(canonical)
+    if len(pieces) <= 1:
+        return make_plan(original, budget, exact=True)
+    remaining, plans = budget, []
+    for piece in pieces:
+        part = make_plan(extract_region(canonical, piece), remaining, exact=True)
+        part.region = piece.name
+        if part.form == "mlp":
+            remaining -= part.mlp_bytes or 0
+        plans.append(part)
+    forms = {p.form for p in plans}
+    form = forms.pop() if len(forms) == 1 else "mixed"
+    spent = [p.mlp_bytes or 0 for p in plans if p.form == "mlp"]
+    return Plan(
+        form,
+        f"{len(plans)} regions, each planned against the budget the ones before it left",
+        original.graph.name or "main",
+        sum(p.macs for p in plans),
+        sum(spent) if spent else None,
+        budget,
+        [],
+        plans,
+    )
 
 
 def _run(

@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
 #: Schema of the ``--dry-run --report`` document.
-PLAN_SCHEMA = "onnx_lower.plan/1.0"
+PLAN_SCHEMA = "onnx_lower.plan/1.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +193,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
     if args.form in ("im2col", "fold-only") or args.passes:
         raise LoweringError("--dry-run plans the auto and mlp forms; use --form auto or mlp")
-    result = plan(args.input, max_weight_mb=args.max_weight_mb)
+    result = plan(args.input, max_weight_mb=args.max_weight_mb, per_region=args.form == "auto")
     if args.report:
         document = {"schema": PLAN_SCHEMA, "plan": result.to_dict()}
         _write_text(Path(args.report), json.dumps(document, indent=2) + "\n")

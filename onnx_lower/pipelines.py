@@ -5,8 +5,8 @@ mlp        canonicalise, lower every op to Affine/Relu, fold, emit MatMul/Add, f
 im2col     canonicalise, rewrite conv/pool as Gather + MatMul on channels-last activations
 fold-only  canonicalise, turn the dense linear ops (Gemm, MatMul, BN, ...) into Affine, fold,
            emit; Conv and pools stay as they are
-auto       mlp when its emitted weights fit ``--max-weight-mb``, else im2col (see
-           :func:`onnx_lower.api.lower`)
+auto       per region (:mod:`onnx_lower.regions`): mlp when its emitted weights fit what is
+           left of ``--max-weight-mb``, else im2col (see :func:`onnx_lower.api.lower`)
 =========  ==================================================================================
 
 This module names passes only; the ``passes`` package registers them and is imported here

@@ -10,8 +10,10 @@ Two estimates, both from resolved shapes:
   including ``fold-linear``, and each remaining Affine node reports the dense bytes and MACs
   emission would give it. Nothing is densified.
 
-``--form auto`` takes the mlp form when it is tractable and fits ``--max-weight-mb``, else im2col.
-The whole graph is one region today; the report says so.
+``--form auto`` takes the mlp form when it is tractable and fits ``--max-weight-mb``, else im2col,
+for each region of the graph (:mod:`onnx_lower.regions`) in graph order, against the budget the
+regions before it left. A graph of one region has one plan; a graph of several has one plan per
+region under a top plan whose form is ``mlp``, ``im2col`` or ``mixed``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Plan:
     mlp_bytes: int | None
     budget_bytes: int
     layers: list[LayerPlan]
+    regions: list[Plan] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,6 +64,10 @@ class Plan:
             f"plan: region '{self.region}' -> {self.form} ({self.reason})",
             f"  MACs of the original: {self.macs:,} per sample",
         ]
+        for region in self.regions:
+            lines.extend("  " + line for line in region.summary_lines())
+        if self.regions:
+            return lines
         if self.mlp_bytes is not None:
             lines.append(
                 f"  mlp form: {len(self.layers)} MatMul layers, {self.mlp_bytes / mb:,.1f} MB of "

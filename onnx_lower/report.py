@@ -13,9 +13,9 @@ from typing import Any
 
 from .pass_manager import PassRecord
 
-__all__ = ["Report", "ModelStats", "SCHEMA"]
+__all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.0"
+SCHEMA = "onnx_lower.report/1.1"
 
 
 @dataclasses.dataclass
@@ -26,6 +26,27 @@ class ModelStats:
     nodes: int
     weight_bytes: int
     macs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RegionReport:
+    """The form one region of the graph got under ``--form auto``, and why.
+
+    ``weight_bytes`` is what the region's lowered model holds when it was lowered on its own;
+    None when the whole graph was lowered at once.
+    """
+
+    name: str
+    form: str
+    reason: str
+    nodes: int
+    inputs: list[str]
+    outputs: list[str]
+    macs: int
+    weight_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -46,6 +67,7 @@ class Report:
     output: str | None = None
     validation: Any = None  # onnx_lower.validate.ValidationReport
     latency: Any = None  # onnx_lower.benchmark.LatencyReport
+    regions: list[RegionReport] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -58,6 +80,7 @@ class Report:
             "form": self.form,
             "form_used": self.form_used,
             "form_reason": self.form_reason,
+            "regions": [r.to_dict() for r in self.regions],
             "options": dict(self.options),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
@@ -100,6 +123,9 @@ class Report:
     def summary_lines(self, verbose: bool = False) -> list[str]:
         b, a = self.before, self.after
         lines = [f"form: {self.form_used} ({self.form_reason})"]
+        if len(self.regions) > 1:
+            for r in self.regions:
+                lines.append(f"  {r.name}: {r.nodes} nodes -> {r.form} ({r.reason})")
         ops = sorted(set(b.ops) | set(a.ops))
         width = max([len(o) for o in ops] + [12])
         lines.append(f"  {'op':<{width}} {'before':>8} {'after':>8}")

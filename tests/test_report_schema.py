@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.0").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.1").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -27,6 +27,7 @@ TOP_KEYS = {
     "form",
     "form_used",
     "form_reason",
+    "regions",
     "options",
     "before",
     "after",
@@ -142,13 +143,13 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.0"
+    assert SCHEMA == "onnx_lower.report/1.1"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.0"
+    assert r["schema"] == "onnx_lower.report/1.1"
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
@@ -243,7 +244,9 @@ def test_optional_parts_are_null(tmp_path):
     assert [p["name"] for p in r["passes"]] == ["resolve-shapes", "dce", "toposort"]
 
 
-PLAN_KEYS = {"form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers"}
+PLAN_KEYS = {
+    "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions"
+}
 PLAN_LAYER_KEYS = {"name", "sources", "inputs", "outputs", "bytes", "macs"}
 
 
@@ -251,8 +254,23 @@ def test_dry_run_report_is_a_plan(tmp_path):
     """--dry-run --report writes the plan document, with its own schema tag."""
     r = run_report(tmp_path, "--dry-run", "--form", "auto", "-q")
     assert set(r) == {"schema", "plan"}
-    assert r["schema"] == "onnx_lower.plan/1.0"
+    assert r["schema"] == "onnx_lower.plan/1.1"
     assert set(r["plan"]) == PLAN_KEYS
-    assert r["plan"]["form"] == "mlp"
+    assert r["plan"]["form"] == "mlp" and r["plan"]["regions"] == []
     assert r["plan"]["layers"] and all(set(la) == PLAN_LAYER_KEYS for la in r["plan"]["layers"])
     assert r["plan"]["mlp_bytes"] == sum(la["bytes"] for la in r["plan"]["layers"])
+
+
+REGION_KEYS = {"name", "form", "reason", "nodes", "inputs", "outputs", "macs", "weight_bytes"}
+
+
+def test_regions_only_under_auto(full_report, tmp_path):
+    """--form auto lists the regions it decided (one here); a requested form lists none."""
+    assert full_report["regions"] == []
+    r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--form", "auto", "-q")
+    assert len(r["regions"]) == 1
+    region = r["regions"][0]
+    assert set(region) == REGION_KEYS
+    assert region["form"] == r["form_used"] == "mlp" and region["reason"] == r["form_reason"]
+    assert region["inputs"] and region["outputs"] and is_int(region["nodes"])
+    assert is_int(region["macs"]) and is_int(region["weight_bytes"])
