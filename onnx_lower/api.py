@@ -54,8 +54,8 @@ def lower(
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     start = time.perf_counter()
-    original = load_model(model)
-    before = model_stats(original)  # also feeds the auto plan its MAC count
+    source = _Source(model)
+    before = model_stats(source.proto())  # also feeds the auto plan its MAC count
     loaded = time.perf_counter()
     options = Options(
         form=form,
@@ -68,13 +68,13 @@ def lower(
     regions: list[RegionReport] = []
     if passes:
         used, reason = "custom", "passes given with --passes"
-        lowered, records, notes = _run(original, options, passes=list(passes))
+        lowered, records, notes = _run(source, options, passes=list(passes))
     elif form == "auto":
-        used, reason, lowered, records, notes, regions = _lower_auto(original, options, before)
+        used, reason, lowered, records, notes, regions = _lower_auto(source, options, before)
     else:
         used = form
         reason = "requested"
-        lowered, records, notes = _run(original, options, form=form)
+        lowered, records, notes = _run(source, options, form=form)
     _check_result(lowered)
     if sparse_storage:
         notes["sparse_initializers"] = to_sparse_storage(lowered)
@@ -100,20 +100,20 @@ def lower(
 
 
 def _lower_auto(
-    original: onnx.ModelProto, options: Options, before: ModelStats
+    source: _Source, options: Options, before: ModelStats
 ) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
     """``form="auto"``: mlp where it fits, im2col elsewhere, decided per region."""
-    pieces = find_regions(original)
+    pieces = find_regions(source.proto())
     if len(pieces) > 1:  # regions are cut on the canonical graph, whose tensors are all typed
-        canonical, canon_records, _ = _run(original, options, passes=list(CANONICALIZE))
+        canonical, canon_records, _ = _run(source, options, passes=list(CANONICALIZE))
         pieces = find_regions(canonical)
         if len(pieces) > 1:
             return _lower_regions(canonical, pieces, options, canon_records)
-    first = make_plan(original, options.max_weight_bytes, exact=False, macs=before.macs)
+    first = make_plan(source.proto(), options.max_weight_bytes, exact=False, macs=before.macs)
     used, reason = first.form, first.reason
     if used == "mlp":
         try:
-            lowered, records, notes = _run(original, options, form="mlp")
+            lowered, records, notes = _run(source, options, form="mlp")
             reason = (
                 f"the mlp weights ({notes.get('emitted_weight_bytes', 0) / MB:,.1f} MB) fit "
                 f"the budget of {options.max_weight_bytes / MB:,.0f} MB"
@@ -121,13 +121,13 @@ def _lower_auto(
         except (BudgetExceededError, UnsupportedOpError) as exc:
             used, reason = "im2col", f"mlp not possible: {exc}"
     if used == "im2col":
-        lowered, records, notes = _run(original, options, form="im2col")
+        lowered, records, notes = _run(source, options, form="im2col")
     whole = pieces[0] if pieces else None
     region = RegionReport(
         name=whole.name if whole else "main",
         form=used,
         reason=reason,
-        nodes=len(original.graph.node),
+        nodes=before.nodes,
         inputs=list(whole.inputs) if whole else [],
         outputs=list(whole.outputs) if whole else [],
         macs=before.macs,
@@ -256,8 +256,35 @@ def plan(model: ModelSource, *, max_weight_mb: float = 1024, per_region: bool = 
     )
 
 
+class _Source:
+    """The input model of one ``lower()`` call.
+
+    Loaded from a path, the proto is ``lower()``'s own: a pipeline run takes it, moves the
+    weights into arrays of the pass graph and drops it, so the input's bytes are not resident
+    beside the lowered weights (VGG-11: 507 MB). A later step that needs it again (auto falling
+    back from mlp to im2col) loads it again. A ModelProto given by the caller is only read.
+    """
+
+    def __init__(self, model: ModelSource):
+        self.path = None if isinstance(model, onnx.ModelProto) else model
+        self._proto: onnx.ModelProto | None = load_model(model)
+
+    def proto(self) -> onnx.ModelProto:
+        if self._proto is None:
+            self._proto = load_model(self.path)
+        return self._proto
+
+    def take(self) -> tuple[onnx.ModelProto, bool]:
+        """The proto, and whether the caller may free it (this source forgets it)."""
+        proto = self.proto()
+        if self.path is None:
+            return proto, False
+        self._proto = None
+        return proto, True
+
+
 def _run(
-    original: onnx.ModelProto,
+    original: onnx.ModelProto | _Source,
     options: Options,
     *,
     form: str | None = None,
@@ -265,7 +292,14 @@ def _run(
 ) -> tuple[onnx.ModelProto, list[PassRecord], dict]:
     options.form = form or options.form
     manager = build_pipeline(form, passes)
+    if isinstance(original, _Source):
+        original, owned = original.take()
+    else:
+        owned = False
     work = LoweringModel.from_proto(original, options)
+    if owned:
+        work.own_weights()
+        del original  # with the graph's weights in arrays, nothing refers to the proto now
     manager(work)
     notes = dict(work.notes)
     lowered = work.to_proto(release=True)

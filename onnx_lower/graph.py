@@ -67,7 +67,15 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
                     f"graph {kind} '{vi.name}' has {which.removesuffix('_type')} type, not tensor; "
                     f"onnx_lower lowers models whose inputs and outputs are tensors"
                 )
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    # gs keeps the proto's opset list itself, which would keep the whole input proto (all its
+    # weights) alive for as long as the graph lives; give it copies
+    for sub in all_graphs(graph):
+        if sub.import_domains is not None:
+            sub.import_domains = [
+                onnx.helper.make_opsetid(o.domain, o.version) for o in sub.import_domains
+            ]
+    return graph
 
 
 #: Constants above this size are exported as placeholders and filled into the final proto.
@@ -144,14 +152,18 @@ def _fill_large(graph_proto: onnx.GraphProto, large: dict) -> None:
             large[init.name] = (large[init.name][0], None)
             empty = numpy_helper.from_array(values.reshape(-1)[:0], init.name)
             if values.dtype.kind in "biuf" and sys.byteorder == "little":
-                # filled in place: from_array + CopyFrom would hold the bytes twice
+                # filled in place, the array freed before protobuf copies the bytes in: at most
+                # two copies of one weight exist at a time (from_array + CopyFrom made three)
                 init.Clear()
                 init.name, init.data_type = empty.name, empty.data_type
                 init.dims.extend(values.shape)
-                init.raw_data = np.ascontiguousarray(values).tobytes()
+                data = np.ascontiguousarray(values).tobytes()
+                del values
+                init.raw_data = data
+                del data
             else:
                 init.CopyFrom(numpy_helper.from_array(values, init.name))
-            del values  # the proto holds the bytes now
+                del values  # the proto holds the bytes now
     for node in graph_proto.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:

@@ -16,6 +16,7 @@ Modelled on onnx-ir's pass infrastructure (``PassBase``, ``PassResult``, ``requi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import graph as g
 from .affine import pending_weight_bytes
@@ -72,8 +74,26 @@ class LoweringModel:
     def from_proto(cls, model: onnx.ModelProto, options: Options | None = None) -> LoweringModel:
         return cls(g.import_graph(model), header(model), options or Options())
 
+    def own_weights(self) -> None:
+        """Copy every weight still backed by the input proto into an array of its own.
+
+        onnx-graphsurgeon imports initializers lazily, as views into the proto; afterwards the
+        proto can be freed, and each weight a pass replaces is freed with its old tensor.
+        """
+        for graph in g.all_graphs(self.graph):
+            consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+            consts += [v for n in graph.nodes for v in n.attrs.values()
+                       if isinstance(v, gs.Constant)]
+            for t in consts:
+                if isinstance(t._values, LazyValues):
+                    t._values = t._values.load()
+
     def to_proto(self, *, release: bool = False) -> onnx.ModelProto:
         """The model as protobuf; ``release=True`` frees weights as they are exported (final)."""
+        if release:
+            # weights that passes replaced sit in node/tensor cycles until the cyclic collector
+            # runs; free them before the export adds the lowered bytes
+            gc.collect()
         return g.export_model(self.graph, self.template, release=release)
 
     @property
