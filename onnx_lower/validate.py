@@ -386,7 +386,10 @@ class OutputComparison:
     """How one output of the lowered model compares with the original's, over all samples.
 
     Error statistics cover the elements finite in both models; they are 0.0 when nothing could
-    be compared (missing output, shape or dtype mismatch).
+    be compared (missing output, shape or dtype mismatch). ``max_rel_err`` is elementwise, so a
+    logit near zero makes it large however small the error; ``scaled_err`` is the largest error
+    relative to the output's largest magnitude, ``max |lowered - original| / max |original|``
+    (the max abs error itself when the original is all zeros).
     """
 
     name: str
@@ -397,6 +400,7 @@ class OutputComparison:
     elements: int = 0
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
+    scaled_err: float = 0.0  # max |lowered - original| / max |original|
     mean_abs_err: float = 0.0
     p99_abs_err: float = 0.0
     required_atol: float = 0.0
@@ -484,6 +488,7 @@ class _Accumulator:
         self.res = OutputComparison(name=name, dtype="?")
         self.abs_errs: list[np.ndarray] = []
         self.max_rel = 0.0
+        self.max_mag = 0.0
         self.req_rtol = 0.0
         self.problem: str | None = None
 
@@ -530,6 +535,7 @@ class _Accumulator:
         err = np.abs(a64 - b64)
         mag = np.abs(b64)
         self.abs_errs.append(err)
+        self.max_mag = max(self.max_mag, float(mag.max()))
         with np.errstate(over="ignore"):  # error at b == 0: relative error is huge or inf
             self.max_rel = max(self.max_rel, float(np.max(err / (mag + _TINY))))
         r.out_of_tolerance += int(np.count_nonzero(err > self.atol + self.rtol * mag))
@@ -550,6 +556,7 @@ class _Accumulator:
             r.p99_abs_err = float(np.percentile(err, 99))
             r.required_atol = r.max_abs_err
             r.max_rel_err = self.max_rel
+            r.scaled_err = r.max_abs_err / self.max_mag if self.max_mag > 0 else r.max_abs_err
             r.required_rtol = self.req_rtol
         if self.problem is None and (r.nan_mismatch or r.inf_mismatch):
             self.fail(f"output '{self.name}': NaN/Inf differ between the models "

@@ -75,6 +75,7 @@ OUTPUT_KEYS = {
     "elements",
     "max_abs_err",
     "max_rel_err",
+    "scaled_err",
     "mean_abs_err",
     "p99_abs_err",
     "required_atol",
@@ -205,7 +206,8 @@ def test_validation(full_report):
         assert o["shape"] == o["lowered_shape"] == [1, 10]
         for k in ("elements", "nan_mismatch", "inf_mismatch", "out_of_tolerance"):
             assert is_int(o[k]), k
-        for k in ("max_abs_err", "max_rel_err", "mean_abs_err", "p99_abs_err", "required_atol",
+        for k in ("max_abs_err", "max_rel_err", "scaled_err", "mean_abs_err", "p99_abs_err",
+                  "required_atol",
                   "required_rtol"):
             assert is_float(o[k]), k
         assert o["passed"] is True and o["message"] is None

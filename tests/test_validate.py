@@ -115,6 +115,24 @@ def test_corrupted_weight_fails_and_names_output():
                     rtol=by["y2"].required_rtol * 1.001).passed
 
 
+def test_scaled_err_is_the_max_error_over_the_largest_magnitude():
+    """An added constant shifts y2 by exactly 1e-3: scaled_err = 1e-3 / max |y2|, and it stays
+    small where the elementwise max_rel_err explodes on a near-zero element."""
+    shift = np.full((1, 4), 1e-3, dtype=np.float32)
+    tail = ([helper.make_node("Add", ["h2", "shift"], ["y2"])], {"shift": shift})
+    inputs = {"x": RNG.standard_normal((1, 8)).astype(np.float32)}
+    rep = validate(two_output_model(), two_output_model(y2_tail=tail), inputs=inputs, atol=1e-2)
+    y2 = rep.outputs[1]
+    want = np.abs(inputs["x"] @ W2).max()
+    assert y2.scaled_err == pytest.approx(y2.max_abs_err / want, rel=1e-3)
+    assert y2.max_abs_err == pytest.approx(1e-3, rel=1e-2)
+    assert rep.outputs[0].scaled_err == 0.0
+    near_zero = two_output_model(w2=np.zeros_like(W2))
+    rep = validate(near_zero, two_output_model(w2=np.zeros_like(W2), y2_tail=tail),
+                   inputs=inputs, atol=1e-2)
+    assert rep.outputs[1].scaled_err == pytest.approx(1e-3, rel=1e-2)  # all-zero original
+
+
 def test_nan_in_one_model_fails():
     # lowered y2 = Sqrt(x@W2 - 100) is NaN everywhere; the original is finite
     tail = ([helper.make_node("Sub", ["h2", "c"], ["s"]), helper.make_node("Sqrt", ["s"], ["y2"])],

@@ -9,11 +9,12 @@ Usage::
 
 For every model: lower it with ``onnx_lower.lower(model, form="im2col")`` (timed), check the
 numerics with :func:`onnx_lower.validate.validate` (rtol = atol = 1e-4, batch 1, random inputs
-in [0, 1)), and time original and lowered with :func:`onnx_lower.benchmark.benchmark` (batch 1,
-interleaved A/B runs after warm-up) for each thread count. The table gives the medians and the
-ratio lowered/original per thread count; the last lines give the geometric mean of the ratios
-over the ImageNet set and over every model. On a shared machine absolute times are noise: quote
-the ratios.
+in [0, 1); the table gives the elementwise max relative error and the scaled error, max abs error
+over the output's largest magnitude), and time original and lowered with
+:func:`onnx_lower.benchmark.benchmark` (batch 1, interleaved A/B runs after warm-up) for each
+thread count. The table gives the medians and the ratio lowered/original per thread count; the
+last lines give the geometric mean of the ratios over the ImageNet set and over every model.
+On a shared machine absolute times are noise: quote the ratios.
 
 The default model list is ``models/imagenet/{resnet18,resnet50,vgg11,mobilenetv2,squeezenet}``
 (make them with ``python tools/make_models.py --imagenet``; missing ones are skipped with a
@@ -80,6 +81,7 @@ def bench_one(path: Path, threads: list[int], repeat: int, warmup: int) -> dict:
     row["valid"] = report.passed
     row["max_rel_err"] = max((o.max_rel_err for o in report.outputs), default=0.0)
     row["max_abs_err"] = max((o.max_abs_err for o in report.outputs), default=0.0)
+    row["scaled_err"] = max((o.scaled_err for o in report.outputs), default=0.0)
     for t in threads:
         r = benchmark(original, lowered, threads=t, warmup=warmup, repeat=repeat)
         row[f"orig_ms_{t}"] = r.a.median * 1e3
@@ -96,7 +98,7 @@ def geomean(xs: list[float]) -> float | None:
 
 def markdown(rows: list[dict], threads: list[int], machine: dict) -> str:
     t0 = threads[0]
-    head = ["model", "lowering s", "max rel err", "valid", f"orig ms ({t0}T)",
+    head = ["model", "lowering s", "max rel err", "scaled err", "valid", f"orig ms ({t0}T)",
             f"lowered ms ({t0}T)", *(f"ratio {t}T" for t in threads)]
     lines = [
         f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
@@ -111,6 +113,7 @@ def markdown(rows: list[dict], threads: list[int], machine: dict) -> str:
             lines.append(f"| {r['model']} | error: {r['error']} |" + " |" * (len(head) - 2))
             continue
         cells = [r["model"], f"{r['lower_s']:.2f}", f"{r['max_rel_err']:.1e}",
+                 f"{r['scaled_err']:.1e}",
                  "yes" if r["valid"] else "**NO**", f"{r[f'orig_ms_{t0}']:.2f}",
                  f"{r[f'lowered_ms_{t0}']:.2f}", *(f"{r[f'ratio_{t}']:.3f}" for t in threads)]
         lines.append("| " + " | ".join(cells) + " |")
