@@ -142,55 +142,60 @@ def _lower_regions(
     options: Options,
     canon_records: list[PassRecord],
 ) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
-    """Decide each region in graph order against the budget left, lower, and stitch.
+    """Plan each region in graph order against the budget left; lower; stitch if forms differ.
 
-    When every region needs im2col the whole graph is lowered at once instead: a region exit
-    and entry costs two Transposes, which cutting at every kept op would add for nothing.
+    Each region's plan is exact (its mlp pipeline up to folding, nothing densified). When every
+    region gets the same form the graph is lowered at once in that form: cutting would add a
+    Reshape and Flatten (mlp) or two Transposes (im2col) around every kept op for nothing, and
+    the mlp form of a verifier-bound model should apply its kept ops to flat vectors.
     """
     remaining = options.max_weight_bytes
-    decided: list[tuple[Region, onnx.ModelProto, str, str, tuple | None, int]] = []
+    decided: list[tuple[Region, onnx.ModelProto, str, str, int]] = []
     for piece in pieces:
         sub = extract_region(canonical, piece)
-        macs = cost.count_macs(sub)
-        first = make_plan(sub, remaining, exact=False, macs=macs)
-        form, reason, result = first.form, first.reason, None
-        if form == "mlp":
-            try:
-                result = _run(sub, dataclasses.replace(options, max_weight_bytes=remaining),
-                              form="mlp")
-                spent = result[2].get("emitted_weight_bytes", 0)
-                reason = (
-                    f"its mlp weights ({spent / MB:,.1f} MB) fit the budget left "
-                    f"({remaining / MB:,.1f} of {options.max_weight_bytes / MB:,.0f} MB)"
-                )
-                remaining -= spent
-            except (BudgetExceededError, UnsupportedOpError) as exc:
-                form, reason = "im2col", f"mlp not possible: {exc}"
-        decided.append((piece, sub, form, reason, result, macs))
-    forms = {form for _, _, form, _, _, _ in decided}
-    if forms == {"im2col"}:
-        lowered, records, notes = _run(canonical, options, form="im2col")
-        used = "im2col"
-        reason = f"all {len(pieces)} regions need the im2col form; lowered as one graph"
-        results = [None] * len(decided)
-    else:
-        results = [
-            result or _run(sub, options, form="im2col")
-            for _, sub, _, _, result, _ in decided
-        ]
+        part = make_plan(sub, remaining, exact=True)
+        reason = part.reason
+        if part.form == "mlp":
+            reason = (
+                f"its mlp weights ({(part.mlp_bytes or 0) / MB:,.1f} MB) fit the budget left "
+                f"({remaining / MB:,.1f} of {options.max_weight_bytes / MB:,.0f} MB)"
+            )
+            remaining -= part.mlp_bytes or 0
+        elif not reason.startswith("mlp not possible"):
+            reason = f"mlp not possible: {reason}"
+        decided.append((piece, sub, part.form, reason, part.macs))
+    forms = {form for _, _, form, _, _ in decided}
+    results: list[tuple | None] = [None] * len(decided)
+    lowered, prefix = None, ""
+    if len(forms) == 1:
+        used = forms.pop()
+        reason = f"all {len(pieces)} regions take the {used} form; lowered as one graph"
+        try:
+            lowered, records, notes = _run(canonical, options, form=used)
+        except (BudgetExceededError, UnsupportedOpError) as exc:
+            if used != "mlp":
+                raise
+            # lower region by region instead, each with its own fallback to im2col
+            prefix = f"the graph failed in mlp as a whole ({exc}); "
+    if lowered is None:
+        for i, (piece, sub, form, _, macs) in enumerate(decided):
+            if form == "mlp":
+                try:
+                    results[i] = _run(sub, options, form="mlp")
+                    continue
+                except (BudgetExceededError, UnsupportedOpError) as exc:
+                    decided[i] = (piece, sub, "im2col", f"mlp not possible: {exc}", macs)
+            results[i] = _run(sub, options, form="im2col")
         lowered = stitch(canonical, pieces, [r[0] for r in results])
         records = list(canon_records)
         notes = {}
         for (piece, *_), (_, recs, sub_notes) in zip(decided, results, strict=True):
-            records.extend(
-                dataclasses.replace(r, name=f"{piece.name}/{r.name}") for r in recs
-            )
+            records.extend(dataclasses.replace(r, name=f"{piece.name}/{r.name}") for r in recs)
             _merge_notes(notes, sub_notes)
-        used = forms.pop() if len(forms) == 1 else "mixed"
-        counts = ", ".join(
-            f"{sum(f == form for _, _, f, _, _, _ in decided)} {form}" for form in ("mlp", "im2col")
-        )
-        reason = f"{len(pieces)} regions, each in its own form ({counts})"
+        got = [form for _, _, form, _, _ in decided]
+        used = got[0] if len(set(got)) == 1 else "mixed"
+        counts = ", ".join(f"{got.count(form)} {form}" for form in ("mlp", "im2col"))
+        reason = f"{prefix}{len(pieces)} regions, each in its own form ({counts})"
     regions = [
         RegionReport(
             name=piece.name,
@@ -202,7 +207,7 @@ def _lower_regions(
             macs=macs,
             weight_bytes=cost.weight_bytes(result[0]) if result is not None else None,
         )
-        for (piece, _, form, why, _, macs), result in zip(decided, results, strict=True)
+        for (piece, _, form, why, macs), result in zip(decided, results, strict=True)
     ]
     return used, reason, lowered, records, notes, regions
 

@@ -331,3 +331,19 @@ def test_export_fills_large_weights_in_place():
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     for name, want in values.items():
         assert inits[name].dtype == want.dtype and np.array_equal(inits[name], want), name
+
+
+def test_owned_weights_leave_no_reference_to_the_input_proto():
+    """After own_weights the pass graph holds no protobuf object of the input (so lower()
+    can free a model it loaded): no lazy weights, and the opset list is a copy."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnx_lower.pass_manager import LoweringModel
+
+    model = _weighted_model()
+    work = LoweringModel.from_proto(model)
+    assert isinstance(work.graph.import_domains, list)  # not the proto's repeated field
+    work.own_weights()
+    w = work.graph.tensors()["w"]
+    assert not isinstance(w._values, LazyValues) and w.values[0, -1] == 299_999
+    assert work.template.ByteSize() < 200

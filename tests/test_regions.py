@@ -5,6 +5,8 @@ Every lowered model is compared with onnxruntime on the original at two batch si
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -135,18 +137,27 @@ def test_mixed_forms_stitch_and_match(tmp_path):
     assert all(r["weight_bytes"] > 0 for r in as_dict)
 
 
-def test_budget_is_shared_in_graph_order():
+def test_all_mlp_regions_lower_as_one_graph_with_kept_ops_on_flat_vectors():
     model = two_small_stacks()
     lowered, report = lower(model, form="auto")
-    assert report.form_used == "mlp" and len(report.regions) == 2
+    assert report.form_used == "mlp" and "lowered as one graph" in report.form_reason
+    assert [r.form for r in report.regions] == ["mlp", "mlp"]
+    assert all(r.weight_bytes is None for r in report.regions)
+    assert not any(n.name.startswith("region") for n in lowered.graph.node)
+    whole, _ = lower(model, form="mlp")
+    assert [n.op_type for n in lowered.graph.node] == [n.op_type for n in whole.graph.node]
     check_against_ort(model, lowered)
-    first = report.regions[0].weight_bytes
+
+
+def test_budget_is_shared_in_graph_order():
+    model = two_small_stacks()
+    first = plan(model).regions[0].mlp_bytes
     # a budget the first region fills leaves the second one to im2col
-    tight = (first + 64) / 2**20
-    lowered, report = lower(model, form="auto", max_weight_mb=tight)
+    lowered, report = lower(model, form="auto", max_weight_mb=(first + 64) / 2**20)
     assert [r.form for r in report.regions] == ["mlp", "im2col"]
     assert report.form_used == "mixed"
     assert "over the budget" in report.regions[1].reason
+    assert report.regions[0].weight_bytes >= first
     check_against_ort(model, lowered)
 
 
@@ -200,3 +211,16 @@ def test_stitch_reports_a_dangling_read():
     del sub.graph.node[:]
     with pytest.raises(LoweringError, match="unknown tensors"):
         stitch(model, [broken], [sub])
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def test_corpus_lenet5_five_tanh_separated_regions_all_mlp():
+    path = CORPUS / "debjyoti0891__lenet5.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the shared corpus is read, not copied)")
+    lowered, report = lower(str(path), form="auto")
+    assert len(report.regions) == 5 and report.form_used == "mlp"
+    whole, _ = lower(str(path), form="mlp")
+    assert [n.op_type for n in lowered.graph.node] == [n.op_type for n in whole.graph.node]
