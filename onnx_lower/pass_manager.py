@@ -18,12 +18,15 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -86,7 +89,7 @@ class LoweringModel:
                        if isinstance(v, gs.Constant)]
             for t in consts:
                 if isinstance(t._values, LazyValues):
-                    t._values = t._values.load()
+                    t._values = _load_once(t._values)
 
     def to_proto(self, *, release: bool = False) -> onnx.ModelProto:
         """The model as protobuf; ``release=True`` frees weights as they are exported (final)."""
@@ -105,6 +108,29 @@ class LoweringModel:
 
     def note(self, key: str, value: Any) -> None:
         self.notes.setdefault(key, []).append(value)
+
+
+def _load_once(lazy: LazyValues) -> np.ndarray:
+    """The array of a lazily imported weight, holding its bytes once.
+
+    gs's ``LazyValues.load`` copies the array numpy_helper makes over the ``raw_data`` bytes, so
+    each weight briefly exists twice (VGG-11's classifier: 2 × 411 MB on top of the proto).
+    For plain numeric ``raw_data`` the array over those bytes is kept as it is: read-only, as
+    weights are never written in place (a pass makes a new array for a new weight).
+    """
+    tensor = lazy.tensor
+    plain = tensor.HasField("raw_data") and tensor.data_type in _PLAIN_DTYPES
+    if plain and sys.byteorder == "little":
+        return onnx.numpy_helper.to_array(tensor)
+    return lazy.load()
+
+
+_PLAIN_DTYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+})  # fmt: skip
 
 
 @dataclasses.dataclass
