@@ -28,7 +28,7 @@ from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
 from .pipelines import CANONICALIZE, FORMS, build_pipeline
 from .plan import Plan, make_plan
-from .regions import Region, extract_region, find_regions, stitch
+from .regions import Region, extract_region, find_regions, merge_same_form, stitch
 from .report import ModelStats, RegionReport, Report
 
 __all__ = ["lower", "plan", "model_stats"]
@@ -142,18 +142,19 @@ def _lower_regions(
     options: Options,
     canon_records: list[PassRecord],
 ) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
-    """Plan each region in graph order against the budget left; lower; stitch if forms differ.
+    """Plan each region in graph order against the budget left, lower, stitch where forms differ.
 
-    Each region's plan is exact (its mlp pipeline up to folding, nothing densified). When every
-    region gets the same form the graph is lowered at once in that form: cutting would add a
-    Reshape and Flatten (mlp) or two Transposes (im2col) around every kept op for nothing, and
-    the mlp form of a verifier-bound model should apply its kept ops to flat vectors.
+    Each region's plan is exact (its mlp pipeline up to folding, nothing densified). Regions of
+    one form are lowered together with the kept ops between them
+    (:func:`~onnx_lower.regions.merge_same_form`): cutting there would add a Reshape and Flatten
+    (mlp) or two Transposes (im2col) around the kept op for nothing, and the mlp form of a
+    verifier-bound model should apply its kept ops to flat vectors. When every region takes one
+    form, the graph is lowered at once. A part that fails in mlp after all falls back to im2col.
     """
     remaining = options.max_weight_bytes
-    decided: list[tuple[Region, onnx.ModelProto, str, str, int]] = []
+    forms, reasons, macs = [], [], []
     for piece in pieces:
-        sub = extract_region(canonical, piece)
-        part = make_plan(sub, remaining, exact=True)
+        part = make_plan(extract_region(canonical, piece), remaining, exact=True)
         reason = part.reason
         if part.form == "mlp":
             reason = (
@@ -163,51 +164,54 @@ def _lower_regions(
             remaining -= part.mlp_bytes or 0
         elif not reason.startswith("mlp not possible"):
             reason = f"mlp not possible: {reason}"
-        decided.append((piece, sub, part.form, reason, part.macs))
-    forms = {form for _, _, form, _, _ in decided}
-    results: list[tuple | None] = [None] * len(decided)
-    lowered, prefix = None, ""
-    if len(forms) == 1:
-        used = forms.pop()
+        forms.append(part.form)
+        reasons.append(reason)
+        macs.append(part.macs)
+    while True:
+        parts = merge_same_form(canonical, pieces, forms)
+        results = []
+        for part, held in parts:
+            form = forms[held[0]]
+            model = canonical if len(parts) == 1 else extract_region(canonical, part)
+            try:
+                results.append(_run(model, options, form=form))
+            except (BudgetExceededError, UnsupportedOpError) as exc:
+                if form != "mlp":
+                    raise
+                for k in held:
+                    forms[k], reasons[k] = "im2col", f"mlp not possible: {exc}"
+                break
+        if len(results) == len(parts):
+            break
+    if len(parts) == 1:
+        lowered, records, notes = results[0]
+        used = forms[0]
         reason = f"all {len(pieces)} regions take the {used} form; lowered as one graph"
-        try:
-            lowered, records, notes = _run(canonical, options, form=used)
-        except (BudgetExceededError, UnsupportedOpError) as exc:
-            if used != "mlp":
-                raise
-            # lower region by region instead, each with its own fallback to im2col
-            prefix = f"the graph failed in mlp as a whole ({exc}); "
-    if lowered is None:
-        for i, (piece, sub, form, _, macs) in enumerate(decided):
-            if form == "mlp":
-                try:
-                    results[i] = _run(sub, options, form="mlp")
-                    continue
-                except (BudgetExceededError, UnsupportedOpError) as exc:
-                    decided[i] = (piece, sub, "im2col", f"mlp not possible: {exc}", macs)
-            results[i] = _run(sub, options, form="im2col")
-        lowered = stitch(canonical, pieces, [r[0] for r in results])
-        records = list(canon_records)
-        notes = {}
-        for (piece, *_), (_, recs, sub_notes) in zip(decided, results, strict=True):
-            records.extend(dataclasses.replace(r, name=f"{piece.name}/{r.name}") for r in recs)
+    else:
+        lowered = stitch(canonical, [part for part, _ in parts], [r[0] for r in results])
+        records, notes = list(canon_records), {}
+        for (part, _), (_, recs, sub_notes) in zip(parts, results, strict=True):
+            records.extend(dataclasses.replace(r, name=f"{part.name}/{r.name}") for r in recs)
             _merge_notes(notes, sub_notes)
-        got = [form for _, _, form, _, _ in decided]
-        used = got[0] if len(set(got)) == 1 else "mixed"
-        counts = ", ".join(f"{got.count(form)} {form}" for form in ("mlp", "im2col"))
-        reason = f"{prefix}{len(pieces)} regions, each in its own form ({counts})"
+        used = "mixed" if len(set(forms)) > 1 else forms[0]
+        listed = ", ".join(f"{part.name} {forms[held[0]]}" for part, held in parts)
+        reason = f"{len(pieces)} regions lowered in {len(parts)} parts: {listed}"
+    sizes = {}  # a region lowered on its own has weights of its own
+    for (_, held), result in zip(parts, results, strict=True):
+        if len(parts) > 1 and len(held) == 1:
+            sizes[held[0]] = cost.weight_bytes(result[0])
     regions = [
         RegionReport(
             name=piece.name,
-            form=form,
-            reason=why,
+            form=forms[k],
+            reason=reasons[k],
             nodes=len(piece.nodes),
             inputs=list(piece.inputs),
             outputs=list(piece.outputs),
-            macs=macs,
-            weight_bytes=cost.weight_bytes(result[0]) if result is not None else None,
+            macs=macs[k],
+            weight_bytes=sizes.get(k),
         )
-        for (piece, _, form, why, macs), result in zip(decided, results, strict=True)
+        for k, piece in enumerate(pieces)
     ]
     return used, reason, lowered, records, notes, regions
 

@@ -14,6 +14,8 @@ join by name:
 * :func:`extract_region` makes a region a model of its own: its inputs are the tensors it reads
   from outside (typed from the canonical model's value_info), its outputs the tensors it writes
   for outside readers or for the graph's outputs, its initializers the ones it reads.
+* :func:`merge_same_form` joins regions of one form through the kept ops between them, so the
+  graph is cut only where the form changes (each cut costs a Reshape/Flatten or two Transposes).
 * :func:`stitch` puts the lowered regions back: every name a lowered region made for itself is
   prefixed ``<region>/``, so no two regions collide, and the kept nodes between them stay as
   they are. The result is sorted topologically.
@@ -31,7 +33,7 @@ import onnx
 
 from .errors import LoweringError
 
-__all__ = ["Region", "find_regions", "extract_region", "stitch"]
+__all__ = ["Region", "find_regions", "merge_same_form", "extract_region", "stitch"]
 
 
 @dataclasses.dataclass
@@ -99,6 +101,58 @@ def find_regions(model: onnx.ModelProto) -> list[Region]:
             groups.setdefault(find(i), []).append(i)
     regions = [_boundary(model, f"region{k}", idx) for k, idx in enumerate(groups.values())]
     return regions or [_whole(model)]
+
+
+def merge_same_form(
+    model: onnx.ModelProto, regions: Sequence[Region], forms: Sequence[str]
+) -> list[tuple[Region, list[int]]]:
+    """Join regions of one form through the kept ops between them: only a change of form cuts.
+
+    A kept node whose neighbouring regions (those producing its inputs or reading its outputs)
+    all have one form joins them, and is lowered inside them as the whole-graph pipelines do.
+    Softmax and LogSoftmax join im2col parts only (the mlp form refuses some of their axes).
+    Returns each part as a region, with the indices of the regions it holds.
+    """
+    graph = model.graph
+    owner = {i: k for k, r in enumerate(regions) for i in r.nodes}
+    producer = {t: i for i, n in enumerate(graph.node) for t in n.output if t}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(graph.node):
+        for t in n.input:
+            readers.setdefault(t, []).append(i)
+    parent = list(range(len(regions)))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    joined: dict[int, int] = {}  # kept node -> a region it joined
+    for i, node in enumerate(graph.node):
+        if i in owner or node.op_type == "Constant":
+            continue
+        near = {owner[producer[t]] for t in node.input if producer.get(t) in owner}
+        near |= {owner[j] for t in node.output for j in readers.get(t, []) if j in owner}
+        kinds = {forms[k] for k in near}
+        if len(kinds) != 1 or (kinds == {"mlp"} and node.op_type in ("Softmax", "LogSoftmax")):
+            continue
+        first, *rest = sorted(near)
+        for k in rest:
+            parent[find(k)] = find(first)
+        joined[i] = first
+    members: dict[int, list[int]] = {}
+    for k in range(len(regions)):
+        members.setdefault(find(k), []).append(k)
+    parts = []
+    for root, ks in members.items():
+        nodes = sorted(
+            [i for k in ks for i in regions[k].nodes]
+            + [i for i, k in joined.items() if find(k) == root]
+        )
+        name = "+".join(regions[k].name for k in ks)
+        parts.append((_boundary(model, name, nodes), ks))
+    return parts
 
 
 def _whole(model: onnx.ModelProto) -> Region:

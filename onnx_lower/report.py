@@ -36,7 +36,8 @@ class RegionReport:
     """The form one region of the graph got under ``--form auto``, and why.
 
     ``weight_bytes`` is what the region's lowered model holds when it was lowered on its own;
-    None when the whole graph was lowered at once.
+    None when it was lowered together with other regions (the whole graph, or the regions of
+    its form it joins through kept ops).
     """
 
     name: str

@@ -96,6 +96,22 @@ def ops(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
 
+def tanh_cnn_then_gate() -> onnx.ModelProto:
+    """Conv | Tanh | Conv → MaxPool | Sigmoid | Gemm: two big regions, then a small one."""
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        h.make_node("Tanh", ["c1"], ["t1"]),
+        h.make_node("Conv", ["t1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        h.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        h.make_node("Sigmoid", ["p2"], ["s2"]),
+        h.make_node("Flatten", ["s2"], ["f"]),
+        h.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ]
+    inits = [_w("w1", 8, 3, 3, 3), _w("b1", 8), _w("w2", 8, 8, 3, 3), _w("b2", 8),
+             _w("wf", 10, 8 * 16 * 16), _w("bf", 10)]
+    return _model(nodes, inits, ["N", 3, 32, 32], ["N", 10])
+
+
 def test_a_cnn_is_one_region():
     model = onnx.load("models/lenet_maxpool.onnx")
     regions = find_regions(model)
@@ -224,3 +240,26 @@ def test_corpus_lenet5_five_tanh_separated_regions_all_mlp():
     assert len(report.regions) == 5 and report.form_used == "mlp"
     whole, _ = lower(str(path), form="mlp")
     assert [n.op_type for n in lowered.graph.node] == [n.op_type for n in whole.graph.node]
+
+
+def test_regions_of_one_form_join_through_kept_ops():
+    """The two conv regions both need im2col: they are lowered as one part with the Tanh
+    inside (one region entry, one exit), and only the change to mlp at the Sigmoid cuts."""
+    model = tanh_cnn_then_gate()
+    lowered, report = lower(model, form="auto", max_weight_mb=1)
+    assert [r.form for r in report.regions] == ["im2col", "im2col", "mlp"]
+    assert report.form_used == "mixed"
+    assert "region0+region1 im2col, region2 mlp" in report.form_reason
+    assert [r.weight_bytes is None for r in report.regions] == [True, True, False]
+    counts = ops_count(lowered)
+    assert counts["Transpose"] == 2 and counts["Tanh"] == 1 and counts["Sigmoid"] == 1
+    tanh = next(n for n in lowered.graph.node if n.op_type == "Tanh")
+    assert tanh.input[0].startswith("region0+region1/")  # inside the part, channels-last
+    check_against_ort(model, lowered)
+
+
+def ops_count(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
