@@ -54,7 +54,9 @@ after a Conv or ConvTranspose are folded into its weight columns and bias first 
   ``(N, H, W, C)`` view; channel blocks of 16 with a batched block-diagonal MatMul (B× the
   FLOPs, two Transposes); one dense per-tap-diagonal MatMul (C× the FLOPs); NCHW rows gathered
   with a banded Toeplitz MatMul per channel (tiles of 1-16 rows: 5-8×); the grouped batched
-  MatMul above (a GEMV per channel): MobileNetV2 5.7× slower than this. Every formulation writes
+  MatMul above (a GEMV per channel): MobileNetV2 5.7× slower than this; taps gathered tap-major
+  ``(K, rows, C)`` with the sum over K as ``MatMul(ones(1, K), ·)``: 0.92-1.28× this, chunked
+  (``tools/bench_layers.py``). Every formulation writes
   the K-fold tap tensor and runs ~4 elementwise passes over it, where the native kernel reads x
   once: this is what limits MobileNetV2 (see below).
 * strided convs whose channel block is tiny (``C·itemsize ≤ 32`` bytes: RGB stems) gather

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Single-layer experiments behind the im2col limits quoted in BENCHMARKS.md.
+
+Usage::
+
+    python tools/bench_layers.py                    # both experiments
+    python tools/bench_layers.py --only gather --repeat 100
+
+``gather``: onnxruntime's Gather copying the 3×3 taps of a stride-1 conv as 9 blocks of C
+floats per output row (what ``lower-im2col`` emits) against 3 blocks of 3·C floats (one per
+kernel row, as a tap layout built for it would allow). Equal times mean Gather is bound by the
+bytes it moves, not by the number of blocks.
+
+``depthwise``: a depthwise 3×3 conv in chunks of ~1 MB of taps, as ``lower-im2col`` emits it
+(``Gather (rows, K, C)``, ``Mul w[K, C]``, ``ReduceSum`` over K) against a tap-major variant
+(``Gather (K, rows, C)``, ``Mul``, then the sum over K as ``MatMul(ones(1, K), ·)``), and against
+onnxruntime's native depthwise Conv.
+
+Every variant is checked against the native result first. Sessions use one thread; A/B/C runs
+are interleaved after warm-up and the medians are quoted with their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from onnx_lower.benchmark import machine_info  # noqa: E402
+
+F = TensorProto.FLOAT
+
+
+def _session(model) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, inits):
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", F, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _interleaved(runs, repeat: int, warmup: int = 5) -> list[float]:
+    """Median ms of each (session, feed), run round-robin."""
+    for sess, feed in runs:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times = [[] for _ in runs]
+    for _ in range(repeat):
+        for i, (sess, feed) in enumerate(runs):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) * 1e3 for t in times]
+
+
+def gather_blocks(repeat: int) -> list[str]:
+    lines = ["| C | H=W | MB gathered | 9 blocks of C ms | 3 blocks of 3C ms | GB/s (9 / 3) |",
+             "|---:|---:|---:|---:|---:|---|"]
+    rng = np.random.default_rng(0)
+    for c, hw in ((64, 56), (128, 28), (256, 14)):
+        rows, width = (hw + 3) * (hw + 2), hw + 2
+        out_rows = hw * width
+        base = np.arange(out_rows)
+        idx9 = np.stack([base + i * width + j for i in range(3) for j in range(3)], 1)
+        idx3 = np.stack([base + i * width for i in range(3)], 1)
+        runs = []
+        for block, idx in ((c, idx9), (3 * c, idx3)):
+            x = rng.standard_normal((rows, block)).astype(np.float32)
+            node = helper.make_node("Gather", ["x", "i"], ["y"], axis=0)
+            model = _model([node], [helper.make_tensor_value_info("x", F, [rows, block])],
+                           {"i": idx.astype(np.int64)})
+            runs.append((_session(model), {"x": x}))
+        ms = _interleaved(runs, repeat)
+        mb = out_rows * 9 * c * 4 / 1e6
+        lines.append(f"| {c} | {hw} | {mb:.1f} | {ms[0]:.3f} | {ms[1]:.3f} | "
+                     f"{mb / ms[0]:.1f} / {mb / ms[1]:.1f} |")
+    return lines
+
+
+def _dw_taps(hw: int, stride: int) -> np.ndarray:
+    out = (hw + 2 - 3) // stride + 1
+    r0, c0 = np.meshgrid(np.arange(out), np.arange(out), indexing="ij")
+    taps = []
+    for di in range(3):
+        for dj in range(3):
+            r, c = r0 * stride + di - 1, c0 * stride + dj - 1
+            ok = (r >= 0) & (r < hw) & (c >= 0) & (c < hw)
+            taps.append(np.where(ok, r * hw + c, hw * hw).reshape(-1))  # padding: zero row
+    return np.stack(taps, 1).astype(np.int64)
+
+
+def depthwise(repeat: int) -> list[str]:
+    lines = ["| C | H=W | stride | chunks | emitted ms | tap-major ms | native ms | "
+             "emitted / native | tap-major / emitted |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for c, hw, stride in ((32, 112, 1), (96, 112, 2), (144, 56, 1), (192, 28, 1),
+                          (576, 14, 1), (960, 7, 1)):
+        s = hw * hw
+        w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        x_cl = np.ascontiguousarray(x.reshape(c, s).T)[None]
+        taps = _dw_taps(hw, stride)
+        wk = np.ascontiguousarray(w.reshape(c, 9).T)
+        step = max(1, (1 << 20) // (9 * c * 4))
+        bounds = [*range(0, len(taps), step), len(taps)]
+        common = {"pads": np.array([0, 0, 0, 0, 1, 0], np.int64),
+                  "shape": np.array([s + 1, c], np.int64)}
+        head = [helper.make_node("Pad", ["x", "pads"], ["xp"]),
+                helper.make_node("Reshape", ["xp", "shape"], ["x2"])]
+        emitted, tap_major = list(head), list(head)
+        inits_e = {**common, "w": wk, "axis": np.array([1], np.int64)}
+        inits_t = {**common, "w": wk[:, None, :], "ones": np.ones((1, 9), np.float32)}
+        for q, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            inits_e[f"i{q}"] = taps[lo:hi]
+            emitted += [
+                helper.make_node("Gather", ["x2", f"i{q}"], [f"g{q}"], axis=0),
+                helper.make_node("Mul", [f"g{q}", "w"], [f"m{q}"]),
+                helper.make_node("ReduceSum", [f"m{q}", "axis"], [f"y{q}"], keepdims=0),
+            ]
+            inits_t[f"i{q}"] = np.ascontiguousarray(taps[lo:hi].T)
+            inits_t[f"flat{q}"] = np.array([9, (hi - lo) * c], np.int64)
+            inits_t[f"back{q}"] = np.array([hi - lo, c], np.int64)
+            tap_major += [
+                helper.make_node("Gather", ["x2", f"i{q}"], [f"g{q}"], axis=0),
+                helper.make_node("Mul", [f"g{q}", "w"], [f"m{q}"]),
+                helper.make_node("Reshape", [f"m{q}", f"flat{q}"], [f"r{q}"]),
+                helper.make_node("MatMul", ["ones", f"r{q}"], [f"p{q}"]),
+                helper.make_node("Reshape", [f"p{q}", f"back{q}"], [f"y{q}"]),
+            ]
+        outs = [f"y{q}" for q in range(len(bounds) - 1)]
+        emitted.append(helper.make_node("Concat", outs, ["y"], axis=0))
+        tap_major.append(helper.make_node("Concat", outs, ["y"], axis=0))
+        x_in = [helper.make_tensor_value_info("x", F, [1, s, c])]
+        conv = helper.make_node("Conv", ["x", "wc"], ["y"], pads=[1, 1, 1, 1], group=c,
+                                strides=[stride, stride])
+        runs = [
+            (_session(_model(emitted, x_in, inits_e)), {"x": x_cl}),
+            (_session(_model(tap_major, x_in, inits_t)), {"x": x_cl}),
+            (_session(_model([conv], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
+                             {"wc": w})), {"x": x}),
+        ]
+        want = runs[2][0].run(None, runs[2][1])[0].reshape(c, -1).T
+        for sess, feed in runs[:2]:
+            got = sess.run(None, feed)[0].reshape(want.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        ms = _interleaved(runs, repeat)
+        lines.append(f"| {c} | {hw} | {stride} | {len(bounds) - 1} | {ms[0]:.3f} | "
+                     f"{ms[1]:.3f} | {ms[2]:.3f} | {ms[0] / ms[2]:.2f} | {ms[1] / ms[0]:.3f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=("gather", "depthwise"), help="run one experiment")
+    ap.add_argument("--repeat", type=int, default=40, help="timed rounds (default 40)")
+    args = ap.parse_args(argv)
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
+          f"{info['date']}; 1 thread, {args.repeat} interleaved rounds, medians")
+    for name, run in (("gather", gather_blocks), ("depthwise", depthwise)):
+        if args.only in (None, name):
+            print(f"\n{name}\n")
+            print("\n".join(run(args.repeat)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
