@@ -242,10 +242,11 @@ def plan(model: ModelSource, *, max_weight_mb: float = 1024, per_region: bool = 
         canonical, _, _ = _run(original, Options(form="auto"), passes=list(CANONICALIZE))
         pieces = find_regions(canonical)
     if len(pieces) <= 1:
-        return make_plan(original, budget, exact=True)
+        return make_plan(original, budget, exact=True, im2col_cost=True)
     remaining, plans = budget, []
     for piece in pieces:
-        part = make_plan(extract_region(canonical, piece), remaining, exact=True)
+        part = make_plan(extract_region(canonical, piece), remaining, exact=True,
+                         im2col_cost=True)
         part.region = piece.name
         if part.form == "mlp":
             remaining -= part.mlp_bytes or 0

@@ -216,6 +216,16 @@ def constant_bytes(graph: gs.Graph) -> int:
     return sum(seen.values())
 
 
+def gather_index_bytes(graph: gs.Graph) -> int:
+    """Bytes of the constant index tensors of every Gather (the im2col form's tap tables)."""
+    seen: dict[int, int] = {}
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            if is_op(node, "Gather") and isinstance(node.inputs[1], gs.Constant):
+                seen[id(node.inputs[1])] = _nbytes(node.inputs[1])
+    return sum(seen.values())
+
+
 def _nbytes(t: gs.Constant) -> int:
     """Bytes of a constant from its shape and dtype, without loading lazy values."""
     return math.prod(int(d) for d in t.shape) * np.dtype(t.dtype).itemsize

@@ -54,6 +54,9 @@ class Plan:
     budget_bytes: int
     layers: list[LayerPlan]
     regions: list[Plan] = dataclasses.field(default_factory=list)
+    #: what the im2col form emits (weights + Gather tables), when the plan picked im2col
+    im2col_bytes: int | None = None
+    im2col_index_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +71,11 @@ class Plan:
             lines.extend("  " + line for line in region.summary_lines())
         if self.regions:
             return lines
+        if self.im2col_bytes is not None:
+            lines.append(
+                f"  im2col form: {self.im2col_bytes / mb:,.1f} MB of constants, of which "
+                f"{(self.im2col_index_bytes or 0) / mb:,.1f} MB are Gather tap tables"
+            )
         if self.mlp_bytes is not None:
             lines.append(
                 f"  mlp form: {len(self.layers)} MatMul layers, {self.mlp_bytes / mb:,.1f} MB of "
@@ -86,14 +94,28 @@ class Plan:
 
 
 def make_plan(
-    model: onnx.ModelProto, budget_bytes: int, *, exact: bool = True, macs: int | None = None
+    model: onnx.ModelProto,
+    budget_bytes: int,
+    *,
+    exact: bool = True,
+    macs: int | None = None,
+    im2col_cost: bool = False,
 ) -> Plan:
     """Decide the form of ``model`` under ``budget_bytes`` (the ``auto`` rule).
 
-    ``macs`` is the model's MAC count if the caller has it already.
+    ``macs`` is the model's MAC count if the caller has it already. With ``im2col_cost`` a plan
+    that picks im2col also runs that pipeline (nothing is written) to give its emitted bytes.
     """
-    if macs is None:
-        macs = cost.count_macs(model)
+    plan = _decide(model, budget_bytes, exact, cost.count_macs(model) if macs is None else macs)
+    if im2col_cost and plan.form == "im2col":
+        try:
+            plan.im2col_bytes, plan.im2col_index_bytes = _im2col_bytes(model)
+        except LoweringError as exc:
+            plan.reason += f"; the im2col form is not possible either: {exc}"
+    return plan
+
+
+def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -> Plan:
     region = model.graph.name or "main"
     if macs > MLP_MAX_MACS:
         return Plan(
@@ -119,6 +141,18 @@ def make_plan(
         return Plan("im2col", reason, region, macs, total, budget_bytes, layers)
     reason = f"the mlp weights ({total / 2**20:,.1f} MB) fit the budget"
     return Plan("mlp", reason, region, macs, total, budget_bytes, layers)
+
+
+def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int]:
+    """(constant bytes, Gather index bytes) of ``model`` lowered to im2col, in memory only."""
+    from . import graph as g
+    from .pass_manager import LoweringModel, Options, PassManager
+    from .pipelines import PIPELINES, load_passes
+
+    load_passes()
+    work = LoweringModel.from_proto(model, Options(form="im2col"))
+    PassManager(list(PIPELINES["im2col"]))(work)
+    return g.constant_bytes(work.graph), g.gather_index_bytes(work.graph)
 
 
 def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:

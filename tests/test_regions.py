@@ -263,3 +263,17 @@ def ops_count(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+def test_an_im2col_plan_gives_the_bytes_the_lowering_emits():
+    from onnx_lower.cost import weight_bytes
+
+    model = onnx.load("models/resblock_bn.onnx")
+    p = plan(model, max_weight_mb=0.01)
+    assert p.form == "im2col" and p.regions == []
+    lowered, _ = lower(model, form="im2col")
+    assert p.im2col_bytes == weight_bytes(lowered)
+    gathers = {n.input[1] for n in lowered.graph.node if n.op_type == "Gather"}
+    tables = sum(nh.to_array(t).nbytes for t in lowered.graph.initializer if t.name in gathers)
+    assert p.im2col_index_bytes == tables > 0
+    assert any("Gather tap tables" in line for line in p.summary_lines())

@@ -247,7 +247,8 @@ def test_optional_parts_are_null(tmp_path):
 
 
 PLAN_KEYS = {
-    "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions"
+    "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions",
+    "im2col_bytes", "im2col_index_bytes",
 }
 PLAN_LAYER_KEYS = {"name", "sources", "inputs", "outputs", "bytes", "macs"}
 
@@ -259,6 +260,7 @@ def test_dry_run_report_is_a_plan(tmp_path):
     assert r["schema"] == "onnx_lower.plan/1.1"
     assert set(r["plan"]) == PLAN_KEYS
     assert r["plan"]["form"] == "mlp" and r["plan"]["regions"] == []
+    assert r["plan"]["im2col_bytes"] is None  # only a plan that picks im2col runs it
     assert r["plan"]["layers"] and all(set(la) == PLAN_LAYER_KEYS for la in r["plan"]["layers"])
     assert r["plan"]["mlp_bytes"] == sum(la["bytes"] for la in r["plan"]["layers"])
 
