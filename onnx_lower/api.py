@@ -6,10 +6,11 @@ ONNX checker, and returns the lowered model with a :class:`~onnx_lower.report.Re
 
 ``form="auto"`` decides per region (:mod:`onnx_lower.regions`), in graph order: the mlp form
 when the region is tractable and its emitted weights fit the budget the earlier regions left,
-else im2col (also when mlp meets an op it cannot keep). Regions lowered apart are stitched back
-by name; when all of them need im2col the graph is lowered at once. The report's ``regions``
-and ``form_reason`` say which form each region got and why; ``form_used`` is ``mixed`` when
-they differ.
+else im2col (also when mlp meets an op it cannot keep). When all regions take one form the
+graph is lowered at once; otherwise the regions of each form are lowered together with the
+kept ops between them and the parts are stitched back by name. The report's ``regions`` and
+``form_reason`` say which form each region got and why; ``form_used`` is ``mixed`` when they
+differ.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
 from .pipelines import CANONICALIZE, FORMS, build_pipeline
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, plan_regions
 from .regions import Region, extract_region, find_regions, merge_same_form, stitch
 from .report import ModelStats, RegionReport, Report
 
@@ -151,22 +152,9 @@ def _lower_regions(
     verifier-bound model should apply its kept ops to flat vectors. When every region takes one
     form, the graph is lowered at once. A part that fails in mlp after all falls back to im2col.
     """
-    remaining = options.max_weight_bytes
-    forms, reasons, macs = [], [], []
-    for piece in pieces:
-        part = make_plan(extract_region(canonical, piece), remaining, exact=True)
-        reason = part.reason
-        if part.form == "mlp":
-            reason = (
-                f"its mlp weights ({(part.mlp_bytes or 0) / MB:,.1f} MB) fit the budget left "
-                f"({remaining / MB:,.1f} of {options.max_weight_bytes / MB:,.0f} MB)"
-            )
-            remaining -= part.mlp_bytes or 0
-        elif not reason.startswith("mlp not possible"):
-            reason = f"mlp not possible: {reason}"
-        forms.append(part.form)
-        reasons.append(reason)
-        macs.append(part.macs)
+    plans = plan_regions(canonical, pieces, options.max_weight_bytes)
+    forms = [p.form for p in plans]
+    reasons = [p.reason for p in plans]
     while True:
         parts = merge_same_form(canonical, pieces, forms)
         results = []
@@ -208,7 +196,7 @@ def _lower_regions(
             nodes=len(piece.nodes),
             inputs=list(piece.inputs),
             outputs=list(piece.outputs),
-            macs=macs[k],
+            macs=plans[k].macs,
             weight_bytes=sizes.get(k),
         )
         for k, piece in enumerate(pieces)
@@ -243,14 +231,7 @@ def plan(model: ModelSource, *, max_weight_mb: float = 1024, per_region: bool = 
         pieces = find_regions(canonical)
     if len(pieces) <= 1:
         return make_plan(original, budget, exact=True, im2col_cost=True)
-    remaining, plans = budget, []
-    for piece in pieces:
-        part = make_plan(extract_region(canonical, piece), remaining, exact=True,
-                         im2col_cost=True)
-        part.region = piece.name
-        if part.form == "mlp":
-            remaining -= part.mlp_bytes or 0
-        plans.append(part)
+    plans = plan_regions(canonical, pieces, budget, im2col_cost=True)
     forms = {p.form for p in plans}
     form = forms.pop() if len(forms) == 1 else "mixed"
     spent = [p.mlp_bytes or 0 for p in plans if p.form == "mlp"]

@@ -28,7 +28,7 @@ from . import cost
 from .affine import layer_label
 from .errors import BudgetExceededError, LoweringError
 
-__all__ = ["Plan", "LayerPlan", "make_plan", "MLP_MAX_MACS"]
+__all__ = ["Plan", "LayerPlan", "make_plan", "plan_regions", "MLP_MAX_MACS"]
 
 #: Above this many MACs per sample (convs and matmuls), the mlp form is not attempted.
 MLP_MAX_MACS = 200_000_000
@@ -113,6 +113,38 @@ def make_plan(
         except LoweringError as exc:
             plan.reason += f"; the im2col form is not possible either: {exc}"
     return plan
+
+
+def plan_regions(
+    model: onnx.ModelProto,
+    regions: list,
+    budget_bytes: int,
+    *,
+    im2col_cost: bool = False,
+) -> list[Plan]:
+    """One exact plan per region of ``model`` (canonical, typed), in graph order.
+
+    Each region is planned against the budget the mlp regions before it left; a plan's
+    ``region`` is the region's name.
+    """
+    from .regions import extract_region
+
+    remaining, plans = budget_bytes, []
+    for region in regions:
+        part = make_plan(extract_region(model, region), remaining, exact=True,
+                         im2col_cost=im2col_cost)
+        part.region = region.name
+        if part.form == "mlp":
+            spent = part.mlp_bytes or 0
+            part.reason = (
+                f"its mlp weights ({spent / 2**20:,.1f} MB) fit the budget left "
+                f"({remaining / 2**20:,.1f} of {budget_bytes / 2**20:,.0f} MB)"
+            )
+            remaining -= spent
+        elif not part.reason.startswith("mlp not possible"):
+            part.reason = f"mlp not possible: {part.reason}"
+        plans.append(part)
+    return plans
 
 
 def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -> Plan:
