@@ -33,7 +33,7 @@ import onnx
 
 from .errors import LoweringError
 
-__all__ = ["Region", "find_regions", "merge_same_form", "extract_region", "stitch"]
+__all__ = ["Region", "find_regions", "splittable", "merge_same_form", "extract_region", "stitch"]
 
 
 @dataclasses.dataclass

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -23,8 +25,8 @@ from .oracles import run_model
 RNG = np.random.default_rng(7)
 
 
-def _w(name: str, *shape: int) -> onnx.TensorProto:
-    return nh.from_array((RNG.standard_normal(shape) * 0.2).astype(np.float32), name)
+def _w(name: str, *shape: int, rng: np.random.Generator = RNG) -> onnx.TensorProto:
+    return nh.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
 
 
 def _model(nodes, inits, x_shape, y_shape, *, extra_outputs=None) -> onnx.ModelProto:
@@ -277,3 +279,81 @@ def test_an_im2col_plan_gives_the_bytes_the_lowering_emits():
     tables = sum(nh.to_array(t).nbytes for t in lowered.graph.initializer if t.name in gathers)
     assert p.im2col_index_bytes == tables > 0
     assert any("Gather tap tables" in line for line in p.summary_lines())
+
+
+# --------------------------------------------------------------------------- property test
+
+KEPT = ("Tanh", "Sigmoid", "Softsign")
+
+
+@st.composite
+def region_chains(draw):
+    """A conv stack then a dense stack, cut by kept ops at random places, with residual Adds
+    that sometimes cross a cut, and a budget under which some regions fit the mlp form and
+    others do not. Returns ``(model, budget in MB)``."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    channels = draw(st.integers(1, 3))
+    size = in_size = draw(st.sampled_from([6, 8]))
+    nodes, inits, count = [], [], [0]
+
+    def name(base: str) -> str:
+        count[0] += 1
+        return f"{base}{count[0]}"
+
+    def cut(t: str) -> str:
+        if not draw(st.booleans()):
+            return t
+        out = name("kept")
+        nodes.append(h.make_node(draw(st.sampled_from(KEPT)), [t], [out]))
+        return out
+
+    t, c = "x", channels
+    for _ in range(draw(st.integers(1, 3))):
+        m = draw(st.integers(1, 3))
+        w, b, y = name("w"), name("b"), name("conv")
+        inits += [_w(w, m, c, 3, 3, rng=rng), _w(b, m, rng=rng)]
+        nodes.append(h.make_node("Conv", [t, w, b], [y], pads=[1, 1, 1, 1]))
+        skip = t if m == c and draw(st.booleans()) else None
+        t, c = y, m
+        if draw(st.booleans()):
+            r = name("relu")
+            nodes.append(h.make_node("Relu", [t], [r]))
+            t = r
+        t = cut(t)
+        if skip is not None:  # a residual, across the cut if there is one
+            r = name("res")
+            nodes.append(h.make_node("Add", [t, skip], [r]))
+            t = r
+    if draw(st.booleans()):
+        p = name("pool")
+        nodes.append(h.make_node("MaxPool", [t], [p], kernel_shape=[2, 2], strides=[2, 2]))
+        t, size = p, size // 2
+    f = name("flat")
+    nodes.append(h.make_node("Flatten", [t], [f]))
+    t, width = cut(f), c * size * size
+    for _ in range(draw(st.integers(1, 2))):
+        out = draw(st.integers(2, 6))
+        w, b, y = name("w"), name("b"), name("fc")
+        inits += [_w(w, out, width, rng=rng), _w(b, out, rng=rng)]
+        nodes.append(h.make_node("Gemm", [t, w, b], [y], transB=1))
+        t, width = cut(y), out
+    nodes.append(h.make_node("Identity", [t], ["y"]))
+    model = _model(nodes, inits, ["N", channels, in_size, in_size], ["N", width])
+    return model, draw(st.sampled_from([0.0005, 0.005, 0.05, 1024.0]))
+
+
+@settings(max_examples=max(25, settings().max_examples // 2))
+@given(case=region_chains())
+def test_random_region_chains_lower_exactly(case):
+    """Whatever the cuts and the budget: no Conv/MaxPool/Gemm left, kept ops kept, the region
+    report consistent, and the numbers of onnxruntime's original at batch 1 and 3."""
+    model, budget = case
+    lowered, report = lower(model, form="auto", max_weight_mb=budget)
+    counts = ops_count(lowered)
+    assert not set(counts) & {"Conv", "MaxPool", "Gemm"}
+    for op in KEPT:
+        assert counts.get(op, 0) == sum(n.op_type == op for n in model.graph.node)
+    forms = {r.form for r in report.regions}
+    assert report.form_used == (forms.pop() if len(forms) == 1 else "mixed")
+    assert sum(r.nodes for r in report.regions) <= len(model.graph.node)
+    check_against_ort(model, lowered)
