@@ -120,7 +120,7 @@ def _lower_auto(
                 f"the budget of {options.max_weight_bytes / MB:,.0f} MB"
             )
         except (BudgetExceededError, UnsupportedOpError) as exc:
-            used, reason = "im2col", f"mlp not possible: {exc}"
+            used, reason = "im2col", f"mlp not possible: {exc.fact}"
     if used == "im2col":
         lowered, records, notes = _run(source, options, form="im2col")
     whole = pieces[0] if pieces else None
@@ -167,7 +167,7 @@ def _lower_regions(
                 if form != "mlp":
                     raise
                 for k in held:
-                    forms[k], reasons[k] = "im2col", f"mlp not possible: {exc}"
+                    forms[k], reasons[k] = "im2col", f"mlp not possible: {exc.fact}"
                 break
         if len(results) == len(parts):
             break

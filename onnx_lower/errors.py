@@ -22,6 +22,13 @@ class LoweringError(Exception):
     """Base class of every error onnx_lower raises on purpose."""
 
     exit_code: int = 2
+    _fact: str | None = None
+
+    @property
+    def fact(self) -> str:
+        """What went wrong, without the advice on what to do: for reports of a choice already
+        made (``--form auto`` naming why a region did not get the mlp form)."""
+        return self._fact or str(self)
 
 
 class InvalidModelError(LoweringError):
@@ -40,6 +47,7 @@ class UnsupportedOpError(LoweringError):
         msg = f"node '{node_name}' ({op_type}) cannot be lowered to the {form} form"
         if reason:
             msg += f": {reason}"
+        self._fact = msg
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -54,10 +62,13 @@ class BudgetExceededError(LoweringError):
         self.layer, self.needed_bytes, self.budget_bytes = layer, needed_bytes, budget_bytes
         self.total_bytes = total_bytes
         total = f"; all layers together need {_mb(total_bytes)}" if total_bytes else ""
-        super().__init__(
+        self._fact = (
             f"layer '{layer}' needs {_mb(needed_bytes)} of dense weights{total}, over the "
-            f"budget of {_mb(budget_bytes)}. Raise --max-weight-mb, or use --form im2col "
-            f"(or --form auto) to keep large layers as Gather+MatMul"
+            f"budget of {_mb(budget_bytes)}"
+        )
+        super().__init__(
+            f"{self._fact}. Raise --max-weight-mb, or use --form im2col (or --form auto) to keep "
+            f"large layers as Gather+MatMul"
         )
 
 

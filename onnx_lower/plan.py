@@ -111,7 +111,7 @@ def make_plan(
         try:
             plan.im2col_bytes, plan.im2col_index_bytes = _im2col_bytes(model)
         except LoweringError as exc:
-            plan.reason += f"; the im2col form is not possible either: {exc}"
+            plan.reason += f"; the im2col form is not possible either: {exc.fact}"
     return plan
 
 
@@ -164,12 +164,13 @@ def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -
     try:
         layers = _folded_layers(model)
     except LoweringError as exc:
-        return Plan("im2col", f"mlp not possible: {exc}", region, macs, None, budget_bytes, [])
+        return Plan("im2col", f"mlp not possible: {exc.fact}", region, macs, None, budget_bytes,
+                    [])
     total = sum(layer.bytes for layer in layers)
     if total > budget_bytes:
         worst = max(layers, key=lambda la: la.bytes)
         label = layer_label(worst.name, worst.sources)
-        reason = str(BudgetExceededError(label, worst.bytes, budget_bytes, total))
+        reason = BudgetExceededError(label, worst.bytes, budget_bytes, total).fact
         return Plan("im2col", reason, region, macs, total, budget_bytes, layers)
     reason = f"the mlp weights ({total / 2**20:,.1f} MB) fit the budget"
     return Plan("mlp", reason, region, macs, total, budget_bytes, layers)

@@ -357,3 +357,13 @@ def test_random_region_chains_lower_exactly(case):
     assert report.form_used == (forms.pop() if len(forms) == 1 else "mixed")
     assert sum(r.nodes for r in report.regions) <= len(model.graph.node)
     check_against_ort(model, lowered)
+
+
+def test_region_reasons_state_facts_without_cli_advice():
+    """A region's reason says why mlp did not fit; the advice to try --form auto, which the
+    user is already running, stays in the error messages only."""
+    _, report = lower(gated_cnn(), form="auto")
+    reason = report.regions[0].reason
+    assert "over the budget" in reason and "--form" not in reason and "Raise" not in reason
+    p = plan(gated_cnn())
+    assert "--form" not in p.regions[0].reason
