@@ -66,40 +66,29 @@ def splittable(model: onnx.ModelProto) -> str | None:
 def find_regions(model: onnx.ModelProto) -> list[Region]:
     """The regions of the main graph, in the order of their first node."""
     graph = model.graph
-    nodes = list(graph.node)
     if splittable(model) is not None:
         return [_whole(model)]
+    index = _Index.of(model)
     separators = _separators()
     member = [
         n.domain in ("", "ai.onnx") and n.op_type not in separators and n.op_type != "Constant"
-        for n in nodes
+        for n in graph.node
     ]
-    parent = list(range(len(nodes)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    producer: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        if member[i]:
-            for name in node.output:
-                if name:
-                    producer[name] = i
-    for i, node in enumerate(nodes):
+    parent = list(range(len(member)))
+    for i, node in enumerate(graph.node):
         if not member[i]:
             continue
         for name in node.input:
-            j = producer.get(name)
-            if j is not None:
-                parent[find(i)] = find(j)
+            j = index.producer.get(name)
+            if j is not None and member[j]:
+                parent[_root(parent, i)] = _root(parent, j)
     groups: dict[int, list[int]] = {}
-    for i in range(len(nodes)):
+    for i in range(len(member)):
         if member[i]:
-            groups.setdefault(find(i), []).append(i)
-    regions = [_boundary(model, f"region{k}", idx) for k, idx in enumerate(groups.values())]
+            groups.setdefault(_root(parent, i), []).append(i)
+    regions = [
+        _boundary(graph, index, f"region{k}", idx) for k, idx in enumerate(groups.values())
+    ]
     return regions or [_whole(model)]
 
 
@@ -114,45 +103,66 @@ def merge_same_form(
     Returns each part as a region, with the indices of the regions it holds.
     """
     graph = model.graph
+    index = _Index.of(model)
     owner = {i: k for k, r in enumerate(regions) for i in r.nodes}
-    producer = {t: i for i, n in enumerate(graph.node) for t in n.output if t}
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(graph.node):
-        for t in n.input:
-            readers.setdefault(t, []).append(i)
     parent = list(range(len(regions)))
-
-    def find(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
     joined: dict[int, int] = {}  # kept node -> a region it joined
     for i, node in enumerate(graph.node):
         if i in owner or node.op_type == "Constant":
             continue
-        near = {owner[producer[t]] for t in node.input if producer.get(t) in owner}
-        near |= {owner[j] for t in node.output for j in readers.get(t, []) if j in owner}
+        near = {owner[index.producer[t]] for t in node.input if index.producer.get(t) in owner}
+        near |= {owner[j] for t in node.output for j in index.readers.get(t, []) if j in owner}
         kinds = {forms[k] for k in near}
         if len(kinds) != 1 or (kinds == {"mlp"} and node.op_type in ("Softmax", "LogSoftmax")):
             continue
         first, *rest = sorted(near)
         for k in rest:
-            parent[find(k)] = find(first)
+            parent[_root(parent, k)] = _root(parent, first)
         joined[i] = first
     members: dict[int, list[int]] = {}
     for k in range(len(regions)):
-        members.setdefault(find(k), []).append(k)
+        members.setdefault(_root(parent, k), []).append(k)
     parts = []
     for root, ks in members.items():
         nodes = sorted(
             [i for k in ks for i in regions[k].nodes]
-            + [i for i, k in joined.items() if find(k) == root]
+            + [i for i, k in joined.items() if _root(parent, k) == root]
         )
         name = "+".join(regions[k].name for k in ks)
-        parts.append((_boundary(model, name, nodes), ks))
+        parts.append((_boundary(graph, index, name, nodes), ks))
     return parts
+
+
+def _root(parent: list[int], i: int) -> int:
+    """The representative of ``i`` in a union-find forest (path halving on the way)."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@dataclasses.dataclass
+class _Index:
+    """Who makes and who reads each tensor of the main graph, and which tensors are fixed.
+
+    ``readers`` lists node indices; a graph output is read by ``-1``, i.e. from outside.
+    """
+
+    producer: dict[str, int]
+    readers: dict[str, list[int]]
+    constants: dict[str, onnx.NodeProto | onnx.TensorProto]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _Index:
+        graph = model.graph
+        producer = {t: i for i, n in enumerate(graph.node) for t in n.output if t}
+        readers: dict[str, list[int]] = {}
+        for i, n in enumerate(graph.node):
+            for t in n.input:
+                readers.setdefault(t, []).append(i)
+        for o in graph.output:
+            readers.setdefault(o.name, []).append(-1)
+        return cls(producer, readers, _constant_outputs(model))
 
 
 def _whole(model: onnx.ModelProto) -> Region:
@@ -165,23 +175,21 @@ def _whole(model: onnx.ModelProto) -> Region:
     )
 
 
-def _boundary(model: onnx.ModelProto, name: str, indices: list[int]) -> Region:
-    graph = model.graph
+def _boundary(graph: onnx.GraphProto, index: _Index, name: str, indices: list[int]) -> Region:
+    """The region of nodes ``indices``: what it reads from outside, what outside reads of it."""
     inside = set(indices)
-    made: set[str] = set()
-    for i in indices:
-        made.update(o for o in graph.node[i].output if o)
-    constants = _constant_outputs(model)
     inputs: list[str] = []
     for i in indices:
         for t in graph.node[i].input:
-            if t and t not in made and t not in constants and t not in inputs:
+            made_inside = index.producer.get(t) in inside
+            if t and not made_inside and t not in index.constants and t not in inputs:
                 inputs.append(t)
-    read_outside = {
-        t for j, node in enumerate(graph.node) if j not in inside for t in node.input
-    }
-    read_outside.update(o.name for o in graph.output)
-    outputs = [t for i in indices for t in graph.node[i].output if t and t in read_outside]
+    outputs = [
+        t
+        for i in indices
+        for t in graph.node[i].output
+        if t and any(j not in inside for j in index.readers.get(t, []))
+    ]
     return Region(name, indices, inputs, outputs)
 
 
