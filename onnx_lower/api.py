@@ -104,12 +104,9 @@ def _lower_auto(
     source: _Source, options: Options, before: ModelStats
 ) -> tuple[str, str, onnx.ModelProto, list[PassRecord], dict, list[RegionReport]]:
     """``form="auto"``: mlp where it fits, im2col elsewhere, decided per region."""
-    pieces = find_regions(source.proto())
-    if len(pieces) > 1:  # regions are cut on the canonical graph, whose tensors are all typed
-        canonical, canon_records, _ = _run(source, options, passes=list(CANONICALIZE))
-        pieces = find_regions(canonical)
-        if len(pieces) > 1:
-            return _lower_regions(canonical, pieces, options, canon_records)
+    canonical, pieces, canon_records = _cut_regions(source, options)
+    if len(pieces) > 1:
+        return _lower_regions(canonical, pieces, options, canon_records)
     first = make_plan(source.proto(), options.max_weight_bytes, exact=False, macs=before.macs)
     used, reason = first.form, first.reason
     if used == "mlp":
@@ -123,18 +120,34 @@ def _lower_auto(
             used, reason = "im2col", f"mlp not possible: {exc.fact}"
     if used == "im2col":
         lowered, records, notes = _run(source, options, form="im2col")
-    whole = pieces[0] if pieces else None
+    whole = pieces[0]
     region = RegionReport(
-        name=whole.name if whole else "main",
+        name=whole.name,
         form=used,
         reason=reason,
         nodes=before.nodes,
-        inputs=list(whole.inputs) if whole else [],
-        outputs=list(whole.outputs) if whole else [],
+        inputs=list(whole.inputs),
+        outputs=list(whole.outputs),
         macs=before.macs,
         weight_bytes=cost.weight_bytes(lowered),
     )
     return used, reason, lowered, records, notes, [region]
+
+
+def _cut_regions(
+    source: _Source | onnx.ModelProto, options: Options
+) -> tuple[onnx.ModelProto | None, list[Region], list[PassRecord]]:
+    """``(canonical, regions, its pass records)``; the graph is canonicalised only to be cut.
+
+    Regions are cut on the canonical graph, whose tensors are all typed. A model with one
+    region before canonicalisation gets ``(None, [region], [])``: it is lowered whole anyway.
+    """
+    proto = source.proto() if isinstance(source, _Source) else source
+    pieces = find_regions(proto)
+    if len(pieces) == 1:
+        return None, pieces, []
+    canonical, records, _ = _run(source, options, passes=list(CANONICALIZE))
+    return canonical, find_regions(canonical), records
 
 
 def _lower_regions(
@@ -225,10 +238,9 @@ def plan(model: ModelSource, *, max_weight_mb: float = 1024, per_region: bool = 
     """
     budget = int(max_weight_mb * MB)
     original = load_model(model)
-    pieces = find_regions(original) if per_region else []
-    if len(pieces) > 1:
-        canonical, _, _ = _run(original, Options(form="auto"), passes=list(CANONICALIZE))
-        pieces = find_regions(canonical)
+    canonical, pieces = None, []
+    if per_region:
+        canonical, pieces, _ = _cut_regions(original, Options(form="auto"))
     if len(pieces) <= 1:
         return make_plan(original, budget, exact=True, im2col_cost=True)
     plans = plan_regions(canonical, pieces, budget, im2col_cost=True)
