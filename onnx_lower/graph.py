@@ -150,12 +150,13 @@ def _fill_large(graph_proto: onnx.GraphProto, large: dict) -> None:
         if init.name in large:
             values = large[init.name][1]
             large[init.name] = (large[init.name][0], None)
-            empty = numpy_helper.from_array(values.reshape(-1)[:0], init.name)
             if values.dtype.kind in "biuf" and sys.byteorder == "little":
                 # filled in place, the array freed before protobuf copies the bytes in: at most
                 # two copies of one weight exist at a time (from_array + CopyFrom made three)
+                name = init.name
                 init.Clear()
-                init.name, init.data_type = empty.name, empty.data_type
+                init.name = name
+                init.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
                 init.dims.extend(values.shape)
                 data = np.ascontiguousarray(values).tobytes()
                 del values
