@@ -176,29 +176,32 @@ def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -
     return Plan("mlp", reason, region, macs, total, budget_bytes, layers)
 
 
+def _in_memory(model: onnx.ModelProto, form: str, upto: str | None = None):
+    """``model`` as a LoweringModel after ``form``'s pipeline (up to pass ``upto``); no export."""
+    from .pass_manager import LoweringModel, Options
+    from .pipelines import PIPELINES, build_pipeline
+
+    names = list(PIPELINES[form])
+    if upto is not None:
+        names = names[: names.index(upto) + 1]
+    work = LoweringModel.from_proto(model, Options(form=form))
+    build_pipeline(passes=names)(work)
+    return work
+
+
 def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int]:
     """(constant bytes, Gather index bytes) of ``model`` lowered to im2col, in memory only."""
     from . import graph as g
-    from .pass_manager import LoweringModel, Options, PassManager
-    from .pipelines import PIPELINES, load_passes
 
-    load_passes()
-    work = LoweringModel.from_proto(model, Options(form="im2col"))
-    PassManager(list(PIPELINES["im2col"]))(work)
+    work = _in_memory(model, "im2col")
     return g.constant_bytes(work.graph), g.gather_index_bytes(work.graph)
 
 
 def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
     from . import graph as g
     from .affine import affine_of
-    from .pass_manager import LoweringModel, Options, PassManager
-    from .pipelines import PIPELINES, load_passes
 
-    load_passes()
-    names = PIPELINES["mlp"]
-    upto = names[: names.index("fold-linear") + 1]
-    work = LoweringModel.from_proto(model, Options(form="mlp"))
-    PassManager(list(upto))(work)
+    work = _in_memory(model, "mlp", upto="fold-linear")
     layers = []
     for sub in g.all_graphs(work.graph):
         for node in sub.nodes:
