@@ -126,6 +126,10 @@ def _refuse(reason: str):
     raise Refused(reason)
 
 
+#: Why a node whose inputs are all constant is not lowered: canonicalisation computes it.
+ALL_CONSTANT = "every input is constant (fold-constants evaluates such nodes)"
+
+
 # --- per-sample shapes and constants -----------------------------------------------------------
 
 
@@ -878,7 +882,7 @@ def split_operands(
             shapes.append(activation_shape(t))
             acts.append(t)
     if not acts:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
+        _refuse(ALL_CONSTANT)
     rank = len(shapes[0])
     if any(len(s) != rank for s in shapes):
         _refuse(f"activations of per-sample shapes {shapes} have different ranks")
@@ -944,7 +948,7 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
     if const_value(a) is not None:
         _refuse(
             "Gemm's A is constant and B is the activation: A·B contracts the batch axis of B"
-            if const_value(b) is None else "every input is constant"
+            if const_value(b) is None else ALL_CONSTANT
         )
     xs = activation_shape(a)
     # Defaults (https://onnx.ai/onnx/operators/onnx__Gemm.html): alpha=beta=1, transA=transB=0.
@@ -964,7 +968,7 @@ def _lower_matmul(node: gs.Node, ctx: _Ctx) -> Lowering:
     a, b = node.inputs[0], node.inputs[1]
     ca, cb = const_value(a), const_value(b)
     if ca is not None and cb is not None:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
+        _refuse(ALL_CONSTANT)
     if ca is None and cb is None:
         _refuse("MatMul of two activations is not linear")
     if cb is not None:
@@ -976,7 +980,7 @@ def _lower_arith(node: gs.Node, ctx: _Ctx) -> Lowering:
     a, b = node.inputs[0], node.inputs[1]
     ca, cb = const_value(a), const_value(b)
     if ca is not None and cb is not None:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
+        _refuse(ALL_CONSTANT)
     if ca is None and cb is None:
         if is_op(node, "Mul", "Div"):
             _refuse(f"{node.op} of two activations is not linear")
@@ -1062,7 +1066,7 @@ def _lower_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
         else:
             parts.append(np.asarray(c))
     if not acts:
-        _refuse("every input is constant (fold-constants evaluates such nodes)")
+        _refuse(ALL_CONSTANT)
     for t in acts[1:]:
         same_batch(acts[0], t)
     return Lowering(acts, [concat_map(parts, attr(node, "axis"))])
