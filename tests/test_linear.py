@@ -651,7 +651,7 @@ def test_reshape(sample, shape, allowzero):
                    {"allowzero": allowzero} if allowzero else None, opset=opset))
 
 
-def test_reshape_from_shape_chain():
+def view_model(x_shape: tuple[int, ...]) -> onnx.ModelProto:
     """PyTorch's x.view(x.size(0), -1): Shape→Gather→Unsqueeze→Concat→Reshape."""
     nodes = [
         helper.make_node("Shape", ["x"], ["s"]),
@@ -662,7 +662,11 @@ def test_reshape_from_shape_chain():
     ]
     inits = {"zero": np.array(0, np.int64), "ax0": np.array([0], np.int64),
              "minus1": np.array([-1], np.int64)}
-    model = graph_model(nodes, {"x": (2, 3, 2)}, inits, opset=13)
+    return graph_model(nodes, {"x": x_shape}, inits, opset=13)
+
+
+def test_reshape_from_shape_chain():
+    model = view_model((2, 3, 2))
     lm = check(model, symbolic=True)
     assert [n.op for n in lm.graph.nodes] == ["Affine"]
     # Without symbolic inference the output's batch is unknown and the shape is not constant.
