@@ -174,12 +174,20 @@ def test_conv_matches_onnxruntime(rank, auto_pad, data, seed):
         # onnxruntime has no SAME_* auto_pad with dilation; the spec defines it (pads from the
         # dilated kernel extent), and the ONNX reference evaluator implements it.
         probe, ort_err = _ort(_reference_probe, "Conv", in_shape, [weight], **attrs)
-    ours, our_err = _ours(conv_matrix, in_shape, weight, **attrs)
+    _check_against_probe("Conv", conv_matrix, conv_nnz, in_shape, weight, attrs, probe, ort_err,
+                         rng, end_to_end=not ort_refuses)
+
+
+def _check_against_probe(op, matrix, nnz, in_shape, weight, attrs, probe, ort_err, rng, *,
+                         end_to_end=True):
+    """Our ``matrix(...)`` against onnxruntime's basis-probed one: both reject or both agree
+    on the matrix, its structure and nnz (``nnz`` without building it), and the bias."""
+    ours, our_err = _ours(matrix, in_shape, weight, **attrs)
     if ort_err is not None or our_err is not None:
         assert ort_err is not None and our_err is not None, (ort_err, our_err)
         event("both reject")
         with pytest.raises(ValueError):
-            conv_nnz(in_shape, w_shape, **attrs)
+            nnz(in_shape, weight.shape, **attrs)
         return
     event(f"valid, rank {len(in_shape) - 1}, {_mode(attrs)}")
     a, c, out_shape = ours
@@ -188,14 +196,14 @@ def test_conv_matches_onnxruntime(rank, auto_pad, data, seed):
     assert out_shape == p_shape
     _check_structure(a, out_shape, in_shape)
     _assert_matrix_close(a, p)
-    assert a.nnz == conv_nnz(in_shape, w_shape, **attrs)
+    assert a.nnz == nnz(in_shape, weight.shape, **attrs)
 
-    bias = rng.standard_normal(w_shape[0]).astype(np.float32)
-    a2, c2, _ = conv_matrix(in_shape, weight, bias, **attrs)
+    bias = rng.standard_normal(out_shape[0]).astype(np.float32)
+    a2, c2, _ = matrix(in_shape, weight, bias, **attrs)
     assert (a2 != a).nnz == 0
     np.testing.assert_array_equal(c2, np.repeat(bias.astype(np.float64), math.prod(out_shape[1:])))
-    if not ort_refuses:
-        _assert_bias_end_to_end("Conv", in_shape, weight, bias, a2, c2, attrs, rng)
+    if end_to_end:
+        _assert_bias_end_to_end(op, in_shape, weight, bias, a2, c2, attrs, rng)
 
 
 @pytest.mark.parametrize("mode", [*AUTO_PADS, "output_shape"])
@@ -207,27 +215,8 @@ def test_conv_transpose_matches_onnxruntime(rank, mode, data, seed):
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(w_shape).astype(np.float32)
     probe, ort_err = _ort(probe_matrix, "ConvTranspose", in_shape, [weight], **attrs)
-    ours, our_err = _ours(conv_transpose_matrix, in_shape, weight, **attrs)
-    if ort_err is not None or our_err is not None:
-        assert ort_err is not None and our_err is not None, (ort_err, our_err)
-        event("both reject")
-        with pytest.raises(ValueError):
-            conv_transpose_nnz(in_shape, w_shape, **attrs)
-        return
-    event(f"valid, rank {len(in_shape) - 1}, {_mode(attrs)}")
-    a, c, out_shape = ours
-    p, p_bias, p_shape = probe
-    assert c is None and not p_bias.any()
-    assert out_shape == p_shape
-    _check_structure(a, out_shape, in_shape)
-    _assert_matrix_close(a, p)
-    assert a.nnz == conv_transpose_nnz(in_shape, w_shape, **attrs)
-
-    m = out_shape[0]
-    bias = rng.standard_normal(m).astype(np.float32)
-    a2, c2, _ = conv_transpose_matrix(in_shape, weight, bias, **attrs)
-    np.testing.assert_array_equal(c2, np.repeat(bias.astype(np.float64), math.prod(out_shape[1:])))
-    _assert_bias_end_to_end("ConvTranspose", in_shape, weight, bias, a2, c2, attrs, rng)
+    _check_against_probe("ConvTranspose", conv_transpose_matrix, conv_transpose_nnz, in_shape,
+                         weight, attrs, probe, ort_err, rng)
 
 
 @settings(max_examples=40, deadline=None)
