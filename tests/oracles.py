@@ -1,4 +1,5 @@
-"""Independent oracles for the tests: onnxruntime on single ops, and basis probing.
+"""Independent oracles for the tests: onnxruntime on single ops, and basis probing; and the check
+of which ops a lowered model may hold (:func:`check_ops`).
 
 Basis probing recovers the matrix of a linear map f by running onnxruntime on the unit vectors:
 column j of A is f(e_j) - f(0), and f(0) is the bias. The batch of unit vectors runs in one call.
@@ -17,7 +18,13 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["single_op_model", "run_model", "run_op", "probe_matrix"]
+from passes.activations import KEPT_ELEMENTWISE
+from passes.im2col import ALLOWED_OPS, LOWERED_OPS
+
+__all__ = ["single_op_model", "run_model", "run_op", "probe_matrix", "check_ops", "MLP_OPS"]
+
+#: The ops of the mlp form, besides the kept elementwise ops of the original.
+MLP_OPS = frozenset({"Flatten", "Reshape", "MatMul", "Add", "Relu"})
 
 _DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
 
@@ -92,3 +99,16 @@ def probe_matrix(
     flat = y.reshape(n + 1, -1)
     c = flat[0]
     return (flat[1:] - c).T.astype(np.float64), c.astype(np.float64), tuple(y.shape[1:])
+
+
+def check_ops(original: onnx.ModelProto, lowered: onnx.ModelProto, form: str) -> None:
+    """The lowered model has only its form's ops, plus ops of the original it may keep."""
+    ops = {n.op_type for n in lowered.graph.node}
+    kept = {n.op_type for n in original.graph.node}
+    if form == "mlp":
+        allowed = MLP_OPS | (KEPT_ELEMENTWISE & kept)
+        assert ops <= allowed, f"mlp form left {sorted(ops - allowed)}"
+    else:
+        assert not ops & LOWERED_OPS, f"im2col form left {sorted(ops & LOWERED_OPS)}"
+        extra = ops - ALLOWED_OPS - kept
+        assert not extra, f"im2col form introduced {sorted(extra)}"

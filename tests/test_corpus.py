@@ -37,8 +37,7 @@ import pytest
 import onnx_lower
 from onnx_lower.errors import BudgetExceededError
 from onnx_lower.validate import graph_inputs, make_session, random_inputs
-from passes.activations import KEPT_ELEMENTWISE
-from passes.im2col import ALLOWED_OPS, LOWERED_OPS
+from tests.oracles import check_ops
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir() or not any(CORPUS.glob("*.onnx")):
@@ -56,7 +55,6 @@ RTOL = 1e-4
 SCALE_ATOL = 1e-4  # atol = SCALE_ATOL * max|ref|, see the module docstring
 SAMPLES = 3
 BATCH = 7
-MLP_OPS = frozenset({"Flatten", "Reshape", "MatMul", "Add", "Relu"}) | KEPT_ELEMENTWISE
 
 #: (model, form) pairs over ~2 s each (pytest --durations, lowering + 3 samples + batch 7):
 #: Convnet_maxpool mlp 5.5 / auto 5.5 (a 28x28 MaxPool as a dense ReLU tournament), hwang2409
@@ -110,17 +108,6 @@ def _compare(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> None:
             f"{what}, output {k}: {int((~ok).sum())} of {r.size} elements off; max abs err "
             f"{err.max():.3g} (atol {atol:.3g} = {SCALE_ATOL:g}·max|ref| {scale:.3g}), max rel "
             f"err {rel.max():.3g} (rtol {RTOL:g})")
-
-
-def check_ops(original: onnx.ModelProto, lowered: onnx.ModelProto, form: str) -> None:
-    ops = {n.op_type for n in lowered.graph.node}
-    if form == "mlp":
-        assert ops <= MLP_OPS, f"mlp form left {sorted(ops - MLP_OPS)}"
-    else:
-        assert not ops & LOWERED_OPS, f"im2col form left {sorted(ops & LOWERED_OPS)}"
-        kept = {n.op_type for n in original.graph.node}
-        extra = ops - ALLOWED_OPS - kept
-        assert not extra, f"im2col form introduced {sorted(extra)}"
 
 
 # --------------------------------------------------------------------------- the models

@@ -37,10 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lower
 from onnx_lower.windows import output_extent
-from passes.im2col import LOWERED_OPS
-from tests.oracles import run_model, run_op
+from tests.oracles import check_ops, run_model, run_op
 
-MLP_OPS = frozenset({"Flatten", "Reshape", "MatMul", "Add", "Relu"})
 #: AveragePool dilations need opset 19. Opset 22 because onnx's shape inference for older opsets
 #: keeps a ceil_mode pool window that starts in the end padding, which onnxruntime (and the spec
 #: since opset 19's text, the reference evaluator) drops: see test_ceil_mode_pool_shape_before_
@@ -303,11 +301,7 @@ def check_net(net: Net, forms=("mlp", "im2col")) -> None:
     batch = 2 if net.dynamic_batch else 1
     for form in forms:
         lowered, report = onnx_lower.lower(model, form=form)
-        ops = {n.op_type for n in lowered.graph.node}
-        if form == "mlp":
-            assert ops <= MLP_OPS, f"mlp form left {sorted(ops - MLP_OPS)}"
-        else:
-            assert not ops & LOWERED_OPS, f"im2col form left {sorted(ops & LOWERED_OPS)}"
+        check_ops(model, lowered, form)
         result = onnx_lower.validate(model, lowered, rtol=RTOL, atol=ATOL, samples=2,
                                      seed=net.seed, input_range=(-1.0, 1.0), batch=batch)
         if not result.passed:
