@@ -210,18 +210,11 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 def _check_output(args: argparse.Namespace) -> None:
     """Fail before any work when the output cannot be written."""
-    from .errors import OutputPathError
+    from .model_io import check_output_path
 
-    for path in filter(None, [args.output, args.report]):
-        parent = Path(path).parent
-        if str(parent) and not parent.is_dir():
-            raise OutputPathError(f"the output folder '{parent}' does not exist; create it first")
     for path, what in ((args.output, "output path"), (args.report, "--report file")):
-        if path and args.input and Path(args.input).exists() and Path(path).exists():
-            if os.path.samefile(args.input, path):
-                raise OutputPathError(
-                    f"the {what} '{path}' is the input model; choose another file"
-                )
+        if path:
+            check_output_path(path, args.input, what)
 
 
 def _range(text: str) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from .errors import InvalidModelError, OutputPathError
 __all__ = [
     "load_model",
     "save_model",
+    "check_output_path",
     "skeleton",
     "to_sparse_storage",
     "MIN_OPSET",
@@ -125,16 +126,8 @@ def save_model(
     Uses external data (``<name>.data`` beside the model) when ``external_data`` is set or the
     model would exceed protobuf's 2 GB limit.
     """
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"the output folder '{parent}' does not exist; create it first")
-    if target.is_dir():
-        raise OutputPathError(f"the output path '{target}' is a folder; give a file name")
-    if input_path is not None and _same_file(target, Path(input_path)):
-        raise OutputPathError(
-            f"the output path '{target}' is the input model; choose another output file"
-        )
+    target = check_output_path(path, input_path)
+    parent = target.parent
     if not external_data:
         try:
             external_data = model.ByteSize() > PROTOBUF_LIMIT
@@ -169,6 +162,22 @@ def save_model(
         raise OutputPathError(f"cannot write '{target}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    return target
+
+
+def check_output_path(
+    path: str | os.PathLike, input_path: str | os.PathLike | None = None, what: str = "output path"
+) -> Path:
+    """``path`` if a file can be written there: its folder exists, it is not a folder, and it
+    is not the input model (also through a link); else :class:`OutputPathError`."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"the output folder '{parent}' does not exist; create it first")
+    if target.is_dir():
+        raise OutputPathError(f"the {what} '{target}' is a folder; give a file name")
+    if input_path is not None and _same_file(target, Path(input_path)):
+        raise OutputPathError(f"the {what} '{target}' is the input model; choose another file")
     return target
 
 
