@@ -40,9 +40,8 @@ import onnx_lower  # noqa: E402
 from onnx_lower.benchmark import benchmark, machine_info  # noqa: E402
 from onnx_lower.errors import LoweringError  # noqa: E402
 from onnx_lower.validate import validate  # noqa: E402
+from tools.make_models import IMAGENET, IMAGENET_DIR  # noqa: E402
 
-IMAGENET = ("resnet18", "resnet50", "vgg11", "mobilenetv2", "squeezenet")
-IMAGENET_DIR = REPO_ROOT / "models" / "imagenet"
 SAMPLES_DIR = REPO_ROOT / "models"
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"
 

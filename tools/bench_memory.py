@@ -26,8 +26,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from onnx_lower.benchmark import machine_info  # noqa: E402
+from tools.make_models import IMAGENET, IMAGENET_DIR  # noqa: E402
 
-IMAGENET = ("resnet18", "resnet50", "vgg11", "mobilenetv2", "squeezenet")
 MB = 1024 * 1024
 
 _CHILD = """
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     paths = [Path(p) for p in args.models] if args.models else [
-        REPO_ROOT / "models" / "imagenet" / f"{n}.onnx" for n in IMAGENET
+        IMAGENET_DIR / f"{n}.onnx" for n in IMAGENET
     ]
     missing = [p for p in paths if not p.is_file()]
     for p in missing:
