@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +35,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from onnx_lower.benchmark import machine_info  # noqa: E402
+from onnx_lower.validate import make_session  # noqa: E402
 
 F = TensorProto.FLOAT
-
-
-def _session(model) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
 
 
 def _model(nodes, inputs, inits):
@@ -84,7 +76,7 @@ def gather_blocks(repeat: int) -> list[str]:
             node = helper.make_node("Gather", ["x", "i"], ["y"], axis=0)
             model = _model([node], [helper.make_tensor_value_info("x", F, [rows, block])],
                            {"i": idx.astype(np.int64)})
-            runs.append((_session(model), {"x": x}))
+            runs.append((make_session(model), {"x": x}))
         ms = _interleaved(runs, repeat)
         mb = out_rows * 9 * c * 4 / 1e6
         lines.append(f"| {c} | {hw} | {mb:.1f} | {ms[0]:.3f} | {ms[1]:.3f} | "
@@ -150,9 +142,9 @@ def depthwise(repeat: int) -> list[str]:
         conv = helper.make_node("Conv", ["x", "wc"], ["y"], pads=[1, 1, 1, 1], group=c,
                                 strides=[stride, stride])
         runs = [
-            (_session(_model(emitted, x_in, inits_e)), {"x": x_cl}),
-            (_session(_model(tap_major, x_in, inits_t)), {"x": x_cl}),
-            (_session(_model([conv], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
+            (make_session(_model(emitted, x_in, inits_e)), {"x": x_cl}),
+            (make_session(_model(tap_major, x_in, inits_t)), {"x": x_cl}),
+            (make_session(_model([conv], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
                              {"wc": w})), {"x": x}),
         ]
         want = runs[2][0].run(None, runs[2][1])[0].reshape(c, -1).T
