@@ -270,21 +270,11 @@ def test_load_accepts_a_model_proto():
         load_model(broken)
 
 
-def _weighted_model(size: int = 300_000) -> onnx.ModelProto:
-    w = numpy_helper.from_array(np.arange(size, dtype=np.float32).reshape(1, -1), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["w", "x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w],
-    )
-    model = helper.make_model(graph, producer_name="p", doc_string="d")
-    helper.set_model_props(model, {"k": "v"})
-    return model
-
-
 def test_header_keeps_metadata_and_no_graph():
     """The template of a LoweringModel is built field by field: no copy of the weights."""
-    model = _weighted_model()
+    model = small_model(weight_elements=300_000)
+    model.producer_name, model.doc_string = "p", "d"
+    helper.set_model_props(model, {"k": "v"})
     head = model_io.header(model)
     assert not head.HasField("graph") and not head.functions
     assert head.ByteSize() < 200
@@ -300,7 +290,7 @@ def test_const_value_does_not_cache_lazy_weights():
 
     from onnx_lower import graph as g
 
-    gs_graph = g.import_graph(_weighted_model())
+    gs_graph = g.import_graph(small_model(weight_elements=300_000))
     w = gs_graph.tensors()["w"]
     assert isinstance(w._values, LazyValues)
     value = g.const_value(w)
@@ -314,7 +304,7 @@ def test_export_fills_large_weights_in_place():
 
     from onnx_lower import graph as g
 
-    model = _weighted_model()
+    model = small_model(weight_elements=300_000)
     gs_graph = g.import_graph(model)
     values = {
         "w": np.linspace(-1, 1, 300_000, dtype=np.float32).reshape(1, -1),
@@ -340,7 +330,7 @@ def test_owned_weights_leave_no_reference_to_the_input_proto():
 
     from onnx_lower.pass_manager import LoweringModel
 
-    model = _weighted_model()
+    model = small_model(weight_elements=300_000)
     work = LoweringModel.from_proto(model)
     assert isinstance(work.graph.import_domains, list)  # not the proto's repeated field
     work.own_weights()
