@@ -44,6 +44,7 @@ __all__ = [
     "broadcast_matrix",
     "compose",
     "pending_weight_bytes",
+    "emitted_bytes",
     "layer_label",
     "is_identity",
     "as_term",
@@ -209,18 +210,22 @@ def replace_with_affine(
     return new
 
 
+def emitted_bytes(node: gs.Node) -> int:
+    """Bytes of the dense weights emission will write for Affine ``node``."""
+    itemsize = np.dtype(node.outputs[0].dtype or np.float32).itemsize
+    return affine_of(node).dense_elements * itemsize
+
+
 def pending_weight_bytes(graph: gs.Graph) -> int:
     """Dense bytes the Affine nodes of ``graph`` (and its subgraphs) will emit."""
     from .graph import all_graphs
 
-    total = 0
-    for sub in all_graphs(graph):
-        for node in sub.nodes:
-            amap = affine_of(node)
-            if amap is not None:
-                itemsize = np.dtype(node.outputs[0].dtype or np.float32).itemsize
-                total += amap.dense_elements * itemsize
-    return total
+    return sum(
+        emitted_bytes(node)
+        for sub in all_graphs(graph)
+        for node in sub.nodes
+        if affine_of(node) is not None
+    )
 
 
 # --- matrix builders ------------------------------------------------------------------------

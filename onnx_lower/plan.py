@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import onnx
 
 from . import cost
@@ -199,7 +198,7 @@ def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int]:
 
 def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
     from . import graph as g
-    from .affine import affine_of
+    from .affine import affine_of, emitted_bytes
 
     work = _in_memory(model, "mlp", upto="fold-linear")
     layers = []
@@ -208,14 +207,13 @@ def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
             amap = affine_of(node)
             if amap is None:
                 continue
-            itemsize = np.dtype(node.outputs[0].dtype or np.float32).itemsize
             layers.append(
                 LayerPlan(
                     node.name,
                     list(amap.sources),
                     sum(amap.in_sizes),
                     amap.out_size,
-                    amap.dense_elements * itemsize,
+                    emitted_bytes(node),
                     amap.dense_elements,
                 )
             )

@@ -31,11 +31,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
-from onnx_lower.affine import affine_of, is_affine, is_identity, to_dense
+from onnx_lower.affine import affine_of, emitted_bytes, is_affine, is_identity, to_dense
 from onnx_lower.errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, PassResult, register_pass
 
-__all__ = ["EmitAffinePass", "FlattenRegionsPass", "emitted_bytes", "SHAPE_AGNOSTIC_OPS"]
+__all__ = ["EmitAffinePass", "FlattenRegionsPass", "SHAPE_AGNOSTIC_OPS"]
 
 #: Elementwise unary ops whose result does not depend on the tensor's shape: a Reshape can move
 #: across them. (Softmax and LogSoftmax depend on the axis, so they are not here.)
@@ -47,16 +47,6 @@ SHAPE_AGNOSTIC_OPS = frozenset(
         "Mish", "Gelu", "Cast",
     }
 )  # fmt: skip
-
-
-def _itemsize(dtype) -> int:
-    return np.dtype(dtype or np.float32).itemsize
-
-
-def emitted_bytes(node: gs.Node) -> int:
-    """Bytes of the dense weights emission will write for Affine ``node``."""
-    amap = affine_of(node)
-    return amap.dense_elements * _itemsize(node.outputs[0].dtype)
 
 
 @register_pass("emit-affine")

@@ -25,11 +25,10 @@ The pass runs to a fixed point.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
-from onnx_lower.affine import AffineMap, affine_of, compose, is_affine, is_identity
+from onnx_lower.affine import AffineMap, affine_of, compose, emitted_bytes, is_affine, is_identity
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 
 __all__ = ["FoldLinearPass", "fold_gain"]
@@ -132,8 +131,5 @@ def _stats(graph: gs.Graph) -> dict[str, int]:
         "affine_nodes": len(maps),
         "matmuls": sum(not is_identity(t) for m in maps for t in m.terms),
         "dense_elements": sum(m.dense_elements for m in maps),
-        "bytes": sum(
-            m.dense_elements * np.dtype(n.outputs[0].dtype or np.float32).itemsize
-            for n, m in zip(nodes, maps)
-        ),
+        "bytes": sum(emitted_bytes(n) for n in nodes),
     }
