@@ -138,6 +138,7 @@ from onnx_lower.errors import LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 from onnx_lower.windows import resolve_pads, sliding_windows
 from passes.conv import conv_transpose_geometry
+from passes.linear import batch_norm_scale_shift
 from passes.pool import avg_pool_matrix, max_pool_taps, pool_windows
 
 __all__ = [
@@ -662,10 +663,8 @@ def _bn_scale_shift(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if g.attr(node, "spatial", 1) != 1 and params[0].ndim > 1:
         return None
-    gamma, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
-    eps = float(g.attr(node, "epsilon", 1e-5))
-    scale = gamma / np.sqrt(var + eps)
-    return scale, beta - mean * scale
+    # epsilon default 1e-5: https://onnx.ai/onnx/operators/onnx__BatchNormalization.html
+    return batch_norm_scale_shift(*(p.reshape(-1) for p in params), g.attr(node, "epsilon", 1e-5))
 
 
 def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:

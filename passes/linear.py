@@ -78,6 +78,7 @@ __all__ = [
     "explain",
     "match",
     "batch_norm_map",
+    "batch_norm_scale_shift",
     "gemm_map",
     "matmul_map",
     "elementwise_map",
@@ -256,9 +257,20 @@ def batch_norm_map(
             return np.full(n, float(p.reshape(-1)[0]))
         _refuse(f"BatchNormalization {name} of shape {p.shape} fits neither C nor {in_shape}")
 
-    s = per_element(scale, "scale") / np.sqrt(per_element(var, "var") + float(epsilon))
-    b = per_element(bias, "B") - per_element(mean, "mean") * s
+    s, b = batch_norm_scale_shift(
+        per_element(scale, "scale"), per_element(bias, "B"), per_element(mean, "mean"),
+        per_element(var, "var"), epsilon,
+    )
     return AffineMap([diag(s)], b, in_shape)
+
+
+def batch_norm_scale_shift(
+    scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNormalization as ``y = s·x + b``: ``s = scale/sqrt(var + eps)``,
+    ``b = bias − mean·s``, in float64 (the mlp and im2col forms both fold it this way)."""
+    s = _f64(scale) / np.sqrt(_f64(var) + float(epsilon))
+    return s, _f64(bias) - _f64(mean) * s
 
 
 def gemm_map(
