@@ -60,7 +60,7 @@ FORMS = ("auto", "mlp", "im2col", "fold-only")
 
 def load_passes() -> None:
     """Import the ``passes`` package so every pass is registered."""
-    import passes  # noqa: F401
+    import onnx_lower.passes  # noqa: F401
 
 
 def build_pipeline(form: str | None = None, passes: list[str] | None = None) -> PassManager:

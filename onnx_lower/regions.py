@@ -2,7 +2,8 @@
 
 A *region* is a maximal weakly connected set of nodes joined by the tensors they pass each
 other, where the ops that every form keeps as they are do not join anything: the elementwise
-ops without a MatMul/Add/Relu form (:data:`passes.activations.KEPT_ELEMENTWISE`: Sigmoid, Tanh,
+ops without a MatMul/Add/Relu form
+(:data:`onnx_lower.passes.activations.KEPT_ELEMENTWISE`: Sigmoid, Tanh,
 Softmax, ...). Constant nodes belong to no region either; a region that reads one gets its own
 copy. A CNN is one region; a model with a Sigmoid gate, a Softmax between two heads or a
 non-linearity between two stacks has several.
@@ -47,7 +48,7 @@ class Region:
 
 
 def _separators() -> frozenset[str]:
-    from passes.activations import KEPT_ELEMENTWISE
+    from onnx_lower.passes.activations import KEPT_ELEMENTWISE
 
     return KEPT_ELEMENTWISE
 

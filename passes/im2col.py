@@ -70,7 +70,7 @@ after a Conv or ConvTranspose are folded into its weight columns and bias first 
   fixed tap ``t``, output position ``p`` is read by at most one input ``i``, so inverting that
   conv's window table gives ``(S_out, K)`` taps with ``-1`` where no input contributes
   (:func:`conv_transpose_taps`), then the same Gather + MatMul (geometry from
-  :func:`passes.conv.conv_transpose_geometry`).
+  :func:`onnx_lower.passes.conv.conv_transpose_geometry`).
 
 Chunks. The gathered ``(S_out, K·C)`` matrix of a large layer is tens of MB (VGG-11's 3×3/256
 at 56²: 29 MB) and was written to memory and streamed back by the MatMul. The output rows are
@@ -85,14 +85,14 @@ projection per depthwise chunk as well gained only 2 % and is not done.
 Pools
 -----
 * MaxPool: padding is −inf, so padding taps repeat a valid tap of the window
-  (:func:`passes.pool.max_pool_taps`; ``max(a, a) = a``) and no zero row is read. Maxima use
+  (:func:`.pool.max_pool_taps`; ``max(a, a) = a``) and no zero row is read. Maxima use
   ``max(a, b) = b + relu(a - b)`` (Sub, Relu, Add). :func:`max_pool_plan` picks the cheapest of
   a joint plan over all K taps and separable plans (one stage per axis: the window of a product
   grid is the product of per-axis windows), each stage either a balanced tree over K gathered
   taps or a halving tournament of depth ⌈log2 K⌉ on two gathered halves (Slices of the tap
   axis). SqueezeNet's 3×3/2 max pool: 3.3 ms → 1.9 ms against halving over all 9 taps.
 * AveragePool: ``ReduceSum(Gather(x), axis=2) · scale[o]`` with padding taps on the zero row;
-  ``scale[o] = 1/divisor(o)`` is read off :func:`passes.pool.avg_pool_matrix`, the one place
+  ``scale[o] = 1/divisor(o)`` is read off :func:`.pool.avg_pool_matrix`, the one place
   that has ONNX's ``count_include_pad`` / ``ceil_mode`` divisor rules.
 * GlobalAveragePool: ``ReduceSum`` over S, then ``Mul(1/S)``. GlobalMaxPool: halving tournament
   over S.
@@ -136,10 +136,10 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.errors import LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
+from onnx_lower.passes.conv import conv_transpose_geometry
+from onnx_lower.passes.linear import batch_norm_scale_shift
+from onnx_lower.passes.pool import avg_pool_matrix, max_pool_taps, pool_windows
 from onnx_lower.windows import resolve_pads, sliding_windows
-from passes.conv import conv_transpose_geometry
-from passes.linear import batch_norm_scale_shift
-from passes.pool import avg_pool_matrix, max_pool_taps, pool_windows
 
 __all__ = [
     "FORM",
@@ -303,7 +303,7 @@ def depthwise_weight(wg: np.ndarray) -> np.ndarray:
 def avg_pool_scale(in_shape, kernel, **kw) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """``(taps, scale, out_spatial)`` of an AveragePool over ``in_shape = (C, *spatial)``.
 
-    ``scale[o] = 1 / divisor(o)`` is read off :func:`passes.pool.avg_pool_matrix` (one channel),
+    ``scale[o] = 1 / divisor(o)`` is read off :func:`.pool.avg_pool_matrix` (one channel),
     whose nonzeros in row ``o`` all equal it; that function owns ONNX's divisor rules
     (``count_include_pad``, ``ceil_mode``). A window without valid taps has scale 0.
     """
@@ -356,7 +356,7 @@ def max_pool_plan(spatial, kernel, **kw) -> tuple[list[MaxStage], tuple[int, ...
     takes the cheaper of its two modes (:func:`max_stage_cost`). For 3×3/2 windows on large
     maps the separable plan writes about 20 % fewer elements than the joint one, for 2×2/2 the
     joint one ~15 % fewer; on tiny maps the node count decides. Padding taps repeat a valid
-    tap (:func:`passes.pool.max_pool_taps`): ``max(a, a) = a``.
+    tap (:func:`.pool.max_pool_taps`): ``max(a, a) = a``.
     """
     spatial = tuple(int(v) for v in spatial)
     r = len(spatial)

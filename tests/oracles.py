@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.activations import KEPT_ELEMENTWISE
-from passes.im2col import ALLOWED_OPS, LOWERED_OPS
+from onnx_lower.passes.activations import KEPT_ELEMENTWISE
+from onnx_lower.passes.im2col import ALLOWED_OPS, LOWERED_OPS
 
 __all__ = ["single_op_model", "run_model", "run_op", "probe_matrix", "check_ops", "MLP_OPS"]
 

@@ -16,7 +16,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from onnx_lower.errors import DynamicShapeError, UnsupportedOpError
 from onnx_lower.graph import import_graph
 from onnx_lower.pass_manager import LoweringModel, get_pass
-from passes.activations import KEPT_ELEMENTWISE, MLP_HINT
+from onnx_lower.passes.activations import KEPT_ELEMENTWISE, MLP_HINT
 from tests.test_linear import (
     _INT,
     HYP,

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import LoweringModel, PassManager, get_pass
-from passes.canonicalize import CANONICALIZE, FOLD_LIMIT_BYTES
+from onnx_lower.passes.canonicalize import CANONICALIZE, FOLD_LIMIT_BYTES
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 F = TensorProto.FLOAT

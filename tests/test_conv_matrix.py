@@ -1,4 +1,4 @@
-"""Conv / ConvTranspose matrices (passes.conv) against two independent oracles.
+"""Conv / ConvTranspose matrices (onnx_lower.passes.conv) against two independent oracles.
 
 Oracle 1: basis probing through onnxruntime (tests.oracles.probe_matrix) on random
 configurations (hypothesis): 1D/2D/3D, strides, dilations, groups (incl. depthwise), asymmetric
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from passes.conv import (
+from onnx_lower.passes.conv import (
     conv_matrix,
     conv_nnz,
     conv_transpose_matrix,

@@ -22,10 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lower
 from onnx_lower.errors import LoweringError
-from onnx_lower.validate import validate
-from onnx_lower.windows import output_extent, resolve_pads, sliding_windows
-from passes import im2col
-from passes.im2col import (
+from onnx_lower.passes import im2col
+from onnx_lower.passes.im2col import (
     ALLOWED_OPS,
     ELEMENTWISE_BINARY,
     ELEMENTWISE_UNARY,
@@ -38,6 +36,8 @@ from passes.im2col import (
     max_pool_plan,
     space_to_depth_taps,
 )
+from onnx_lower.validate import validate
+from onnx_lower.windows import output_extent, resolve_pads, sliding_windows
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((REPO / "models").glob("*.onnx"))

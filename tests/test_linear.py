@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-import passes.activations  # noqa: F401 - registers lower-activations
+import onnx_lower.passes.activations  # noqa: F401 - registers lower-activations
 from onnx_lower.affine import affine_of, is_affine
 from onnx_lower.errors import DynamicShapeError
 from onnx_lower.graph import const_value, import_graph, is_op
 from onnx_lower.pass_manager import LoweringModel, get_pass
-from passes import linear
-from passes.linear import (
+from onnx_lower.passes import linear
+from onnx_lower.passes.linear import (
     Refused,
     matmul_map,
     pad_map,
@@ -170,7 +170,7 @@ def why_not(lm, allowed=("Affine",)) -> str:
     reasons = []
     for node in lm.graph.nodes:
         if ("Affine" if is_affine(node) else node.op) not in allowed:
-            why = linear.explain(node, lm.graph, lm.opset) or passes.activations.explain(
+            why = linear.explain(node, lm.graph, lm.opset) or onnx_lower.passes.activations.explain(
                 node, lm.graph, lm.opset
             )
             reasons.append(f"{node.op}: {why}")
@@ -206,7 +206,7 @@ def refused(model, reason: str, pass_names=("lower-linear",), *, opset=None):
     for name in pass_names:
         get_pass(name)(lm)
     assert op in ops_of(lm.graph), f"{op} was lowered"
-    why = linear.explain(node, lm.graph, lm.opset) or passes.activations.explain(
+    why = linear.explain(node, lm.graph, lm.opset) or onnx_lower.passes.activations.explain(
         node, lm.graph, lm.opset
     )
     text = why if isinstance(why, str) else str(why)
@@ -827,7 +827,7 @@ def run_backend_case(case, pass_names=("lower-linear", "lower-activations")) -> 
         left = ops_of(lm.graph) - {"Affine", "Relu"}
         if left:
             node = next(n for n in lm.graph.nodes if n.op in left)
-            why = linear.explain(node, lm.graph, lm.opset) or passes.activations.explain(
+            why = linear.explain(node, lm.graph, lm.opset) or onnx_lower.passes.activations.explain(
                 node, lm.graph, lm.opset
             )
             return f"{sorted(left)}: {why}"

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from passes.pool import (
+from onnx_lower.passes.pool import (
     Tournament,
     avg_pool_matrix,
     global_pool_kernel,

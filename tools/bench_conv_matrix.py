@@ -1,4 +1,4 @@
-"""Benchmark passes.conv: build time, throughput and peak memory of Conv matrices.
+"""Benchmark onnx_lower.passes.conv: build time, throughput and peak memory of Conv matrices.
 
 Usage (from the repository root)::
 
@@ -27,7 +27,7 @@ import scipy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnx_lower.benchmark import machine_info  # noqa: E402
-from passes.conv import (  # noqa: E402
+from onnx_lower.passes.conv import (  # noqa: E402
     conv_matrix,
     conv_nnz,
     conv_transpose_matrix,

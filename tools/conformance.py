@@ -424,8 +424,8 @@ def _first_line(exc: BaseException) -> str:
 
 def op_violations(lowered: onnx.ModelProto, form: str) -> list[str]:
     """Ops of ``lowered`` that ``form`` must not leave (sorted)."""
-    from passes.activations import KEPT_ELEMENTWISE
-    from passes.im2col import LOWERED_OPS
+    from onnx_lower.passes.activations import KEPT_ELEMENTWISE
+    from onnx_lower.passes.im2col import LOWERED_OPS
 
     ops = {n.op_type for n in lowered.graph.node}
     if form == "mlp":
