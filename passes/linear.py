@@ -1095,7 +1095,12 @@ def _lower_dropout(node: gs.Node, ctx: _Ctx) -> Lowering:
     if ctx.opset <= 6 and not int(attr(node, "is_test", 0)):
         _refuse("is_test=0 (training mode before opset 7)")
     if len(node.outputs) > 1 and _used(ctx.graph, node.outputs[1]):
-        _refuse("the mask output is used")
+        if ctx.opset < 12:
+            _refuse(
+                "the mask output is used, and before opset 12 its inference value is ambiguous: "
+                "all false in onnxruntime, all true in ONNX's reference; use opset 12 or later"
+            )
+        _refuse("the mask output is used and its shape is not static")
     return _single(node, AffineMap([identity(math.prod(xs))], None, xs))
 
 

@@ -111,7 +111,6 @@ _ORT_INT16 = ("onnxruntime has no int16/uint16 Max/Min kernel: the original mode
               "either")
 _TRAIN_BN = "training-mode BatchNormalization normalises with batch statistics"
 _TRAIN_ZERO = "training-mode Dropout is refused, even at ratio 0"
-_MASK = "the boolean mask output has no MatMul/Add/Relu form"
 _ZERO = ("zero-size per-sample output: refused (a Reshape cannot infer the batch of an empty "
          "tensor)")
 
@@ -135,8 +134,6 @@ SKIP: dict[str | tuple[str, str], str] = {
     "test_training_dropout_mask": _RANDOM,
     ("test_training_dropout_zero_ratio", "mlp"): _TRAIN_ZERO,
     ("test_training_dropout_zero_ratio_mask", "mlp"): _TRAIN_ZERO,
-    ("test_dropout_default_mask", "mlp"): _MASK,
-    ("test_dropout_default_mask_ratio", "mlp"): _MASK,
     # Gemm, MatMul
     ("test_gemm_all_attributes", "mlp"): "transA=1: " + _BATCH,
     ("test_gemm_transposeA", "mlp"): "transA=1: " + _BATCH,
