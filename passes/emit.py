@@ -113,7 +113,8 @@ class EmitAffinePass(GraphPass):
         if 0 in amap.out_shape:  # Reshape(y', [-1, 0, ...]) cannot infer the batch
             raise UnsupportedOpError(
                 node.name, "Affine", "mlp",
-                f"its output '{out.name}' has the zero-size per-sample shape "
+                f"its output '{out.name}' has the zero-size "
+                f"{'whole-tensor' if amap.whole else 'per-sample'} shape "
                 f"{list(amap.out_shape)}", "Use --form im2col, which keeps the op as it is",
             )
         whole = amap.whole
