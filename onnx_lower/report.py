@@ -141,6 +141,12 @@ class Report:
                 f"fold: {fold['matmuls_before']} -> {fold['matmuls_after']} MatMuls, "
                 f"{_mb(fold['bytes_before'])} -> {_mb(fold['bytes_after'])} of weights"
             )
+        sample = self.notes.get("sample_axis")
+        if sample:
+            lines.append(
+                f"sample: the whole tensor, batch included ({sample['op']} '{sample['node']}' "
+                f"mixes the static axis 0: {sample['reason']})"
+            )
         kept = self.kept_ops()
         if kept:
             listed = ", ".join(f"{k}×{v}" for k, v in kept.items())
