@@ -1,0 +1,133 @@
+"""Trust at the edges: the input gate before any pass and the output gate before any file.
+
+A model is accepted, and a lowered model is written, only when it passes both:
+
+* ``onnx.checker.check_model(model, full_check=True)``: the structural checks plus strict shape
+  inference (https://onnx.ai/onnx/api/checker.html#onnx.checker.check_model);
+* an onnxruntime ``InferenceSession`` on the CPU (graph optimisations off): onnxruntime defines
+  the semantics the numerics are validated against, so a model it cannot load has none to
+  check.
+
+The input gate raises :class:`~onnx_lower.errors.InvalidModelError` (exit 2); the output gate
+:class:`~onnx_lower.errors.OutputGateError` (exit 3: the input passed, so a failure is a bug in
+a pass). Either message is the checker's or onnxruntime's own, on one line; both name the node
+when the failure is a node's.
+
+Memory: the checker runs on :func:`~onnx_lower.model_io.skeleton` (weights above 4 KB become
+typed graph inputs), so models over 2 GB and external data need no second copy and no path.
+onnxruntime loads from the file when there is one (the only way beyond 2 GB, and it resolves
+external data beside the file); the session is dropped at once. ``ort_check=False``
+(``--no-ort-check``) skips the input's onnxruntime load, for models too large to load twice;
+the report's ``options.ort_check`` says so. The output gate then still loads the output in
+onnxruntime, unless the model keeps ops of a domain onnxruntime cannot know (a custom op passed
+through): those are the models that need the flag for reasons other than size.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from .errors import InvalidModelError, LoweringError, OutputGateError
+from .model_io import skeleton
+
+#: Domains onnxruntime's CPU provider implements (beside the default one).
+RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+__all__ = [
+    "RUNTIME_DOMAINS",
+    "foreign_domains",
+    "check_input",
+    "check_input_loads",
+    "check_output",
+    "checker_problem",
+    "ort_problem",
+    "one_line",
+]
+
+
+def checker_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
+    """The full checker's message on one line, or None when ``model`` passes.
+
+    A proto is checked through its skeleton; a path is handed to the checker as a path.
+    """
+    target = os.fspath(model) if not isinstance(model, onnx.ModelProto) else skeleton(model)
+    try:
+        onnx.checker.check_model(target, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, ValueError, DecodeError...
+        return one_line(exc)
+    return None
+
+
+def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
+    """onnxruntime's load error on one line, or None when the model loads on the CPU."""
+    from .validate import make_session
+
+    try:
+        session = make_session(model, 1, label="model", optimize=False)
+    except LoweringError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        return one_line(cause)
+    del session
+    gc.collect()
+    return None
+
+
+def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
+    """The checker half of the input gate; :class:`InvalidModelError` on failure."""
+    problem = checker_problem(model)
+    if problem:
+        raise InvalidModelError(
+            f"{where} fails the ONNX checker (full check): {problem}. Fix the model at its "
+            f"source, or check it with `python -c \"import onnx; "
+            f"onnx.checker.check_model('MODEL.onnx', full_check=True)\"`"
+        )
+
+
+def check_input_loads(model: onnx.ModelProto | str | os.PathLike, *, where: str) -> None:
+    """The onnxruntime half of the input gate; :class:`InvalidModelError` on failure."""
+    problem = ort_problem(model)
+    if problem:
+        raise InvalidModelError(
+            f"onnxruntime cannot load {where}: {problem}. onnx_lower checks its output against "
+            f"onnxruntime, so the input must load there (--no-ort-check skips this load, not "
+            f"the problem)"
+        )
+
+
+def foreign_domains(op_keys: Iterable[str]) -> list[str]:
+    """Domains of ``op_keys`` (``Op`` or ``domain::Op``, as in the report's op counts) that
+    onnxruntime's CPU provider does not implement without a custom-op library."""
+    domains = {key.split("::")[0] for key in op_keys if "::" in key}
+    return sorted(domains - RUNTIME_DOMAINS)
+
+
+def check_output(path: str | os.PathLike, *, ort_load: bool = True) -> None:
+    """The output gate on a written (temporary) file: :class:`OutputGateError` on failure.
+
+    ``ort_load=False`` leaves out the onnxruntime load: for a model whose custom-domain ops
+    (passed through from an input that skipped its own load) onnxruntime cannot know.
+    """
+    path = Path(path)
+    problem = checker_problem(path)
+    if problem:
+        raise OutputGateError(f"ONNX checker: {problem}")
+    problem = ort_problem(path) if ort_load else None
+    if problem:
+        raise OutputGateError(f"onnxruntime load: {problem}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line: whitespace collapsed, onnxruntime's status prefix
+    and the temporary file's path dropped, cut at 500 characters."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = text.replace("==> Context: ", "")
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed:\s*", "", text)
+    text = text or type(exc).__name__
+    return text[:500] + ("…" if len(text) > 500 else "")
