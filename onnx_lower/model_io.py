@@ -78,7 +78,10 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
 
 def tensor_bytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data, from its dims and type (reading ``raw_data`` would copy it)."""
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError):  # UNDEFINED or unknown: the checker names the tensor
+        return len(t.raw_data)
     return math.prod(t.dims) * itemsize
 
 

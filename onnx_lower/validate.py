@@ -105,7 +105,7 @@ def make_session(model: ModelLike, threads: int = 1, *, label: str = "model",
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors are raised, with their message
     providers = ["CPUExecutionProvider"]
     try:
         if not isinstance(model, onnx.ModelProto):

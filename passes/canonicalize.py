@@ -66,7 +66,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import GraphPass, LoweringModel, Pass, PassResult, register_pass
 from onnx_lower.pipelines import CANONICALIZE  # the preset prefix of every pipeline
-from onnx_lower.windows import resolve_pads
+from onnx_lower.windows import resolve_pads, window_attributes
 
 __all__ = [
     "CANONICALIZE",
@@ -681,6 +681,19 @@ class ExplicitPads(GraphPass):
         if kernel is None:
             return False
         r = len(kernel)
+        x = node.inputs[0]
+        shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
+        static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
+        weight = node.inputs[1].shape if node.op == "Conv" and len(node.inputs) > 1 else None
+        weight = list(weight) if weight is not None else None
+        window_attributes(  # refuses what the spec does not allow, naming node and attribute
+            node,
+            kernel,
+            spatial=[int(d) for d in shape[2:]] if static else None,
+            channels=int(shape[1]) if static else None,
+            weight_shape=weight if weight and all(isinstance(d, (int, np.integer))
+                                                  for d in weight[:2]) else None,
+        )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
         strides = list(node.attrs.get("strides") or [1] * r)
