@@ -47,6 +47,7 @@ __all__ = [
     "check_output",
     "checker_problem",
     "ort_problem",
+    "text_problem",
     "one_line",
 ]
 
@@ -62,6 +63,45 @@ def checker_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     except Exception as exc:  # ValidationError, InferenceError, ValueError, DecodeError...
         return one_line(exc)
     return None
+
+
+def text_problem(message, path: str = "model") -> str | None:
+    """The path of the first string field of ``message`` that is not valid UTF-8, or None.
+
+    protobuf decodes a string field only when it is read, so a damaged file parses and fails
+    later, anywhere. Only string fields are read: tensor bytes (``raw_data``) are not copied.
+    """
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field in message.DESCRIPTOR.fields:
+        repeated = _is_repeated(field)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            # invalid UTF-8 comes back as bytes (or raises, depending on the protobuf backend)
+            try:
+                value = getattr(message, field.name)
+                values = list(value) if repeated else [value]
+            except UnicodeDecodeError:
+                return f"{path}.{field.name}"
+            if any(isinstance(v, bytes) for v in values):
+                return f"{path}.{field.name}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if repeated:
+                for k, item in enumerate(getattr(message, field.name)):
+                    bad = text_problem(item, f"{path}.{field.name}[{k}]")
+                    if bad:
+                        return bad
+            elif message.HasField(field.name):
+                bad = text_problem(getattr(message, field.name), f"{path}.{field.name}")
+                if bad:
+                    return bad
+    return None
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` is deprecated
+    if repeated is not None:
+        return bool(repeated)
+    return field.label == field.LABEL_REPEATED
 
 
 def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
@@ -81,6 +121,12 @@ def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
 def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
     """The checker half of the input gate, and no empty graph input; :class:`InvalidModelError`
     on failure."""
+    bad = text_problem(model)
+    if bad:
+        raise InvalidModelError(
+            f"{where} has a text field ({bad}) that is not valid UTF-8, which ONNX requires; "
+            f"the file is damaged: export or download it again"
+        )
     problem = checker_problem(model)
     if problem:
         raise InvalidModelError(

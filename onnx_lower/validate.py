@@ -114,7 +114,11 @@ def make_session(model: ModelLike, threads: int = 1, *, label: str = "model",
             return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnx_lower_") as tmp:
             path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+            detached = onnx.ModelProto()  # saving as external data empties the proto saved
+            detached.CopyFrom(model)
+            onnx.save_model(detached, path, save_as_external_data=True,
+                            location="model.onnx.data")
+            del detached
             return ort.InferenceSession(path, so, providers=providers)
     except LoweringError:
         raise

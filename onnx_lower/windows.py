@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InvalidAttributeError
+from .errors import InvalidAttributeError, InvalidModelError
 
 __all__ = [
     "Windows",
@@ -224,12 +224,14 @@ def window_attributes(
     spatial: Sequence[int] | None = None,
     channels: int | None = None,
     weight_shape: Sequence[int] | None = None,
+    bias_shape: Sequence[int] | None = None,
 ) -> WindowAttributes:
     """Read and validate ``node``'s window attributes (an onnx-graphsurgeon node).
 
     ``kernel`` is the kernel shape when the node has no ``kernel_shape`` (a Conv reads it from
     its weight). ``spatial`` (the static spatial input extent), ``channels`` (input channels)
-    and ``weight_shape`` enable the checks against the input. Defaults per the spec
+    and ``weight_shape`` enable the checks against the input, ``bias_shape`` the check that a
+    Conv/ConvTranspose bias is 1-D of the output channels. Defaults per the spec
     (https://onnx.ai/onnx/operators/onnx__Conv.html,
     https://onnx.ai/onnx/operators/onnx__MaxPool.html): strides and dilations 1, pads 0,
     auto_pad NOTSET, group 1, ceil_mode 0, count_include_pad 0.
@@ -290,6 +292,14 @@ def window_attributes(
                 "group",
                 f"is {group}: the input's {channels} channels must equal the weight's "
                 f"{cg} channels per group × group, and the {m} output channels must divide by it",
+            )
+    if bias_shape is not None and weight_shape is not None:
+        m = int(weight_shape[0]) if node.op == "Conv" else int(weight_shape[1]) * group
+        if tuple(int(d) for d in bias_shape) != (m,):
+            raise InvalidModelError(
+                f"node '{node.name}' ({node.op}): its bias B has shape {list(bias_shape)}; the "
+                f"spec wants one value per output channel, shape [{m}]. Fix the model at its "
+                f"source"
             )
     if spatial is not None and node.op != "ConvTranspose":
         spatial = tuple(int(n) for n in spatial)

@@ -658,6 +658,18 @@ def _schema_attrs(op: str, opset: int) -> set[str]:
         return set()
 
 
+def _static_shape(node: gs.Node, k: int) -> list[int] | None:
+    """The static shape of a Conv/ConvTranspose weight (k=1) or bias (k=2), else None."""
+    if not g.is_op(node, "Conv", "ConvTranspose") or len(node.inputs) <= k:
+        return None
+    t = node.inputs[k]
+    if not t.name or t.shape is None:
+        return None
+    if not all(isinstance(d, (int, np.integer)) for d in t.shape):
+        return None
+    return [int(d) for d in t.shape]
+
+
 @register_pass("explicit-pads")
 class ExplicitPads(GraphPass):
     """Replace auto_pad by explicit pads and spell out default strides, dilations and pads."""
@@ -684,15 +696,13 @@ class ExplicitPads(GraphPass):
         x = node.inputs[0]
         shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
         static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
-        weight = node.inputs[1].shape if node.op == "Conv" and len(node.inputs) > 1 else None
-        weight = list(weight) if weight is not None else None
         window_attributes(  # refuses what the spec does not allow, naming node and attribute
             node,
             kernel,
             spatial=[int(d) for d in shape[2:]] if static else None,
             channels=int(shape[1]) if static else None,
-            weight_shape=weight if weight and all(isinstance(d, (int, np.integer))
-                                                  for d in weight[:2]) else None,
+            weight_shape=_static_shape(node, 1),
+            bias_shape=_static_shape(node, 2),
         )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
