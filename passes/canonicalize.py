@@ -658,7 +658,7 @@ def _schema_attrs(op: str, opset: int) -> set[str]:
         return set()
 
 
-def _static_shape(node: gs.Node, k: int) -> list[int] | None:
+def _conv_operand_shape(node: gs.Node, k: int) -> list[int] | None:
     """The static shape of a Conv/ConvTranspose weight (k=1) or bias (k=2), else None."""
     if not g.is_op(node, "Conv", "ConvTranspose") or len(node.inputs) <= k:
         return None
@@ -701,8 +701,8 @@ class ExplicitPads(GraphPass):
             kernel,
             spatial=[int(d) for d in shape[2:]] if static else None,
             channels=int(shape[1]) if static else None,
-            weight_shape=_static_shape(node, 1),
-            bias_shape=_static_shape(node, 2),
+            weight_shape=_conv_operand_shape(node, 1),
+            bias_shape=_conv_operand_shape(node, 2),
         )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
