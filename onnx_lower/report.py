@@ -15,7 +15,7 @@ from .pass_manager import PassRecord
 
 __all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.1"
+SCHEMA = "onnx_lower.report/1.2"
 
 
 @dataclasses.dataclass

@@ -71,7 +71,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import GraphPass, LoweringModel, Pass, PassResult, register_pass
 from onnx_lower.pipelines import CANONICALIZE  # the preset prefix of every pipeline
-from onnx_lower.windows import resolve_pads
+from onnx_lower.windows import resolve_pads, window_attributes
 
 __all__ = [
     "CANONICALIZE",
@@ -694,6 +694,18 @@ def _schema_attrs(op: str, opset: int) -> set[str]:
         return set()
 
 
+def _conv_operand_shape(node: gs.Node, k: int) -> list[int] | None:
+    """The static shape of a Conv/ConvTranspose weight (k=1) or bias (k=2), else None."""
+    if not g.is_op(node, "Conv", "ConvTranspose") or len(node.inputs) <= k:
+        return None
+    t = node.inputs[k]
+    if not t.name or t.shape is None:
+        return None
+    if not all(isinstance(d, (int, np.integer)) for d in t.shape):
+        return None
+    return [int(d) for d in t.shape]
+
+
 @register_pass("explicit-pads")
 class ExplicitPads(GraphPass):
     """Replace auto_pad by explicit pads and spell out default strides, dilations and pads."""
@@ -717,6 +729,17 @@ class ExplicitPads(GraphPass):
         if kernel is None:
             return False
         r = len(kernel)
+        x = node.inputs[0]
+        shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
+        static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
+        window_attributes(  # refuses what the spec does not allow, naming node and attribute
+            node,
+            kernel,
+            spatial=[int(d) for d in shape[2:]] if static else None,
+            channels=int(shape[1]) if static else None,
+            weight_shape=_conv_operand_shape(node, 1),
+            bias_shape=_conv_operand_shape(node, 2),
+        )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
         strides = list(node.attrs.get("strides") or [1] * r)

@@ -77,6 +77,7 @@ from onnx_lower.graph import (
     attr,
     const_value,
     detach,
+    flag,
     is_graph_output,
     is_op,
     sample_shape,
@@ -1023,14 +1024,14 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
         )
     xs = activation_shape(a)
     # Defaults (https://onnx.ai/onnx/operators/onnx__Gemm.html): alpha=beta=1, transA=transB=0.
-    if int(attr(node, "transA", 0)):
+    if flag(node, "transA"):
         _refuse("transA=1 with the activation as A contracts the batch axis")
     wb = const_value(b)
     if wb is None:
         _refuse("Gemm of two activations is not linear")
     c = _const_input(node, 2, "C")
     amap = gemm_map(
-        xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), bool(attr(node, "transB", 0))
+        xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), flag(node, "transB")
     )
     return Lowering([a], [amap])
 

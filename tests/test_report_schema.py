@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.1").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.2").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -38,7 +38,7 @@ TOP_KEYS = {
     "validation",
     "latency",
 }
-OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes"}
+OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes", "ort_check"}
 STATS_KEYS = {"ops", "nodes", "weight_bytes", "macs"}
 PASS_KEYS = {
     "name",
@@ -51,7 +51,7 @@ PASS_KEYS = {
     "iteration",
 }
 FOLD_KEYS = {"matmuls_before", "matmuls_after", "bytes_before", "bytes_after"}
-TIMING_KEYS = {"load_s", "lower_s", "save_s"}
+TIMING_KEYS = {"load_s", "input_gate_s", "lower_s", "save_s", "output_gate_s", "validate_s"}
 VALIDATION_KEYS = {
     "passed",
     "samples",
@@ -144,20 +144,22 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.1"
+    assert SCHEMA == "onnx_lower.report/1.2"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.1"
+    assert r["schema"] == "onnx_lower.report/1.2"
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
     assert r["form"] == "mlp" and r["form_used"] == "mlp"
     assert isinstance(r["form_reason"], str) and r["form_reason"]
     assert set(r["options"]) == OPTIONS_KEYS
-    assert r["options"] == {"max_weight_mb": 1024.0, "sparse_storage": False, "passes": None}
+    assert r["options"] == {
+        "max_weight_mb": 1024.0, "sparse_storage": False, "passes": None, "ort_check": True
+    }
     assert is_float(r["options"]["max_weight_mb"])
     assert isinstance(r["kept_ops"], dict)
     assert all(isinstance(k, str) and is_int(v) for k, v in r["kept_ops"].items())
@@ -230,16 +232,16 @@ def test_latency(full_report):
 
 
 def test_optional_parts_are_null(tmp_path):
-    """Without --validate/--benchmark (and with a custom pass list, so no fold), the optional
-    parts are present as null, never missing."""
+    """With --no-validate, without --benchmark (and with a custom pass list, so no fold), the
+    optional parts are present as null, never missing; only the validation's timing is."""
     r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--passes", "resolve-shapes,dce,toposort",
-                   "-q")
+                   "--no-validate", "-q")
     assert set(r) == TOP_KEYS
     assert r["validation"] is None and r["latency"] is None
     assert r["fold"] is None and r["kept_ops"] == {}
     assert r["form_used"] == "custom"
     assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
-    assert set(r["timings"]) == TIMING_KEYS
+    assert set(r["timings"]) == TIMING_KEYS - {"validate_s"}
     check_stats(r["before"])
     check_stats(r["after"])
     check_passes(r["passes"])
