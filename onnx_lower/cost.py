@@ -35,7 +35,9 @@ import onnx
 
 from .model_io import tensor_bytes
 
-__all__ = ["weight_bytes", "count_macs", "count_neurons", "MAX_OPS", "PIECEWISE_OPS"]
+__all__ = [
+    "weight_bytes", "count_macs", "count_neurons", "value_shapes", "MAX_OPS", "PIECEWISE_OPS",
+]
 
 #: Ops of the original counted as ``max`` neurons (one per output element).
 MAX_OPS = ("MaxPool", "GlobalMaxPool", "ReduceMax")
@@ -84,6 +86,12 @@ def count_neurons(model: onnx.ModelProto) -> dict[str, int]:
         else:
             counts[key] += math.prod(shape)
     return counts
+
+
+def value_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, list[int]]:
+    """The shape of every value of the main graph that shape inference resolves, with dynamic
+    input dimensions set to ``batch``."""
+    return _inferred_shapes(model, batch)[1]
 
 
 def _inferred_shapes(model: onnx.ModelProto, batch: int) -> tuple[onnx.GraphProto, dict]:

@@ -42,7 +42,8 @@ tournament on ties, so it is never above today's count):
     ``max(m_p[lo], m_p[hi − p + 1])`` with ``p`` the largest power of two ``≤ k``.
 
   ``separable`` itself uses the halving rule; ``sliding`` and ``doubling`` force their rule on
-  every axis; ``auto`` takes the best rule per axis. 3×3 stride 2 over 2-D costs about 6 ReLUs
+  every axis where windows can share (an axis of one distinct window, or ``k = 1``, always
+  halves); ``auto`` takes the best rule per axis. 3×3 stride 2 over 2-D costs about 6 ReLUs
   per output instead of 8, 3×3 stride 1 about 3 instead of 8.
 
 The levels are an as-soon-as-possible schedule of the max DAG: a value lives in ``c_l`` from the
@@ -316,13 +317,13 @@ def _axis_candidates(pos: np.ndarray, n: int, rule: str) -> _AxisPlan:
     keys, inverse, step = _axis_windows(pos, n)
     k = pos.shape[1]
     splits: list[tuple[str, Split]] = []
-    if rule in ("separable", "auto"):
+    share = len(keys) > 1 and k > 1  # one window (or k = 1): nothing to share
+    if rule in ("separable", "auto") or not share:
         splits.append(("halving", _halving))
-    if rule in ("doubling", "auto"):
+    if rule in ("doubling", "auto") and share:
         splits.append(("doubling", _doubling))
-    if rule in ("sliding", "auto"):
-        blocks = list(range(2, min(k, _MAX_BLOCK) + 1)) if len(keys) > 1 else []
-        blocks = blocks or [k]  # one window (or k = 1): nothing to share, one chain
+    if rule in ("sliding", "auto") and share:
+        blocks = range(2, min(k, _MAX_BLOCK) + 1)
         splits += [(f"sliding{g}", _sliding(g, off)) for g in blocks for off in range(g)]
     plans = [_axis_plan(keys, inverse, step, name, split) for name, split in splits]
     return min(plans, key=lambda p: (p.ops, p.depth))
