@@ -118,7 +118,6 @@ _ZERO = ("zero-size per-sample output: refused (a Reshape cannot infer the batch
 #: (case name, form) or case name (every form) → why the case is not expected to pass.
 SKIP: dict[str | tuple[str, str], str] = {
     # pools
-    ("test_maxpool_2d_pads", "mlp"): _BUDGET,
     ("test_maxpool_3d_default", "mlp"): _BUDGET,
     ("test_maxpool_3d_dilations_use_ref_impl_large", "mlp"): _BUDGET,
     ("test_averagepool_3d_default", "mlp"): _BUDGET,
