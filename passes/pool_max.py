@@ -64,6 +64,7 @@ times its kernel); everything per element is vectorised index arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -335,22 +336,16 @@ def _axis_candidates(pos: np.ndarray, n: int, rule: str) -> _AxisPlan:
 def _separable_order(axes: list[_AxisPlan]) -> tuple[list[int], int]:
     """Axis order with the fewest ops (ties: last axis first) and that op count, per channel."""
     best: tuple[int, list[int]] | None = None
-    for order in _orders(len(axes)):
+    for order in itertools.permutations(range(len(axes) - 1, -1, -1)):
         extent = [p.leaves.size for p in axes]
         total = 0
         for i in order:
             total += axes[i].ops * math.prod(e for j, e in enumerate(extent) if j != i)
             extent[i] = axes[i].outputs.size
         if best is None or total < best[0]:
-            best = (total, order)
+            best = (total, list(order))
     assert best is not None
     return best[1], best[0]
-
-
-def _orders(r: int) -> list[list[int]]:
-    from itertools import permutations
-
-    return [list(p) for p in permutations(range(r - 1, -1, -1))]
 
 
 def _separable(win: Windows, axes: list[_AxisPlan], order: list[int], name: str) -> Tournament:
