@@ -368,9 +368,13 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     for n in model.graph.node:
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
         counts[key] = counts.get(key, 0) + 1
+    neurons = cost.count_neurons(model)
     return ModelStats(
         ops=dict(sorted(counts.items())),
         nodes=len(model.graph.node),
         weight_bytes=cost.weight_bytes(model),
         macs=cost.count_macs(model),
+        relu_neurons=neurons["relu"],
+        max_neurons=neurons["max"],
+        piecewise_neurons=neurons["piecewise"],
     )

@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
 #: Schema of the ``--dry-run --report`` document.
-PLAN_SCHEMA = "onnx_lower.plan/1.1"
+PLAN_SCHEMA = "onnx_lower.plan/1.2"
 
 
 def build_parser() -> argparse.ArgumentParser:

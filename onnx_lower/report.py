@@ -20,12 +20,19 @@ SCHEMA = "onnx_lower.report/1.2"
 
 @dataclasses.dataclass
 class ModelStats:
-    """Op counts, node count, weight bytes and MACs of one model."""
+    """Op counts, node count, weight bytes, MACs and neuron counts of one model.
+
+    ``relu_neurons``, ``max_neurons`` and ``piecewise_neurons`` (schema 1.2) are per sample, as
+    :func:`onnx_lower.cost.count_neurons` counts them.
+    """
 
     ops: dict[str, int]
     nodes: int
     weight_bytes: int
     macs: int
+    relu_neurons: int = 0
+    max_neurons: int = 0
+    piecewise_neurons: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +142,14 @@ class Report:
         lines.append(f"  {'nodes':<{width}} {b.nodes:>8} {a.nodes:>8}")
         lines.append(f"  {'weights':<{width}} {_mb(b.weight_bytes):>8} {_mb(a.weight_bytes):>8}")
         lines.append(f"  {'MACs':<{width}} {_si(b.macs):>8} {_si(a.macs):>8}")
+        lines.append(
+            f"  {'ReLU neurons':<{width}} {b.relu_neurons:>8,} {a.relu_neurons:>8,}"
+        )
+        for label, key in (("max neurons", "max_neurons"), ("piecewise", "piecewise_neurons")):
+            if getattr(b, key) or getattr(a, key):
+                lines.append(
+                    f"  {label:<{width}} {getattr(b, key):>8,} {getattr(a, key):>8,}"
+                )
         fold = self.notes.get("fold_summary")
         if fold:
             lines.append(

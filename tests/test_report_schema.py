@@ -39,7 +39,9 @@ TOP_KEYS = {
     "latency",
 }
 OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes", "ort_check"}
-STATS_KEYS = {"ops", "nodes", "weight_bytes", "macs"}
+STATS_KEYS = {
+    "ops", "nodes", "weight_bytes", "macs", "relu_neurons", "max_neurons", "piecewise_neurons",
+}
 PASS_KEYS = {
     "name",
     "seconds",
@@ -118,6 +120,7 @@ def run_report(tmp_path: Path, *args: str) -> dict:
 def check_stats(stats: dict) -> None:
     assert set(stats) == STATS_KEYS
     assert is_int(stats["nodes"]) and is_int(stats["weight_bytes"]) and is_int(stats["macs"])
+    assert all(is_int(stats[k]) for k in ("relu_neurons", "max_neurons", "piecewise_neurons"))
     assert isinstance(stats["ops"], dict)
     assert all(isinstance(k, str) and is_int(v) for k, v in stats["ops"].items())
     assert list(stats["ops"]) == sorted(stats["ops"])
@@ -250,7 +253,7 @@ def test_optional_parts_are_null(tmp_path):
 
 PLAN_KEYS = {
     "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions",
-    "im2col_bytes", "im2col_index_bytes",
+    "im2col_bytes", "im2col_index_bytes", "neurons", "mlp_relu_neurons",
 }
 PLAN_LAYER_KEYS = {"name", "sources", "inputs", "outputs", "bytes", "macs"}
 
@@ -259,12 +262,14 @@ def test_dry_run_report_is_a_plan(tmp_path):
     """--dry-run --report writes the plan document, with its own schema tag."""
     r = run_report(tmp_path, "--dry-run", "--form", "auto", "-q")
     assert set(r) == {"schema", "plan"}
-    assert r["schema"] == "onnx_lower.plan/1.1"
+    assert r["schema"] == "onnx_lower.plan/1.2"
     assert set(r["plan"]) == PLAN_KEYS
     assert r["plan"]["form"] == "mlp" and r["plan"]["regions"] == []
     assert r["plan"]["im2col_bytes"] is None  # only a plan that picks im2col runs it
     assert r["plan"]["layers"] and all(set(la) == PLAN_LAYER_KEYS for la in r["plan"]["layers"])
     assert r["plan"]["mlp_bytes"] == sum(la["bytes"] for la in r["plan"]["layers"])
+    assert set(r["plan"]["neurons"]) == {"relu", "max", "piecewise"}
+    assert isinstance(r["plan"]["mlp_relu_neurons"], int)
 
 
 REGION_KEYS = {"name", "form", "reason", "nodes", "inputs", "outputs", "macs", "weight_bytes"}

@@ -118,7 +118,6 @@ _SOFTMAX_0 = ("Softmax over axis 0 of a (3, 4, 5) tensor normalises 20 slices se
 #: (case name, form) or case name (every form) → why the case is not expected to pass.
 SKIP: dict[str | tuple[str, str], str] = {
     # pools
-    ("test_maxpool_2d_pads", "mlp"): _BUDGET,
     ("test_maxpool_3d_default", "mlp"): _BUDGET,
     ("test_maxpool_3d_dilations_use_ref_impl_large", "mlp"): _BUDGET,
     ("test_averagepool_3d_default", "mlp"): _BUDGET,
