@@ -26,6 +26,7 @@ Gemm, Reshape, then a separate Relu; dynamic batch: nothing fused).
   channel ``i·g + a`` reads ``a·C/g + i``, :func:`shuffle_permutation`) is absorbed by the conv
   that produces it (through channelwise activations), else it is one Transpose of the
   ``(N·S, g, C/g)`` view.
+* Split and Slice of the channels (ShuffleNet V2's channel split) are Slices of the last axis.
 
 """
 
@@ -432,6 +433,66 @@ class LayoutOps:
         self.e.reshape(self.primary(x), [-1, *x.spatial, x.channels], out_t.shape,
                        node.name or out_t.name, out=out_t)
         return True
+
+    def do_Split(self, node) -> bool:
+        """A Split of the channels of a CL tensor (ShuffleNet V2's channel split): one Slice of
+        the last axis per output (Split is not an im2col op). ``axis`` defaults to 0:
+        https://onnx.ai/onnx/operators/onnx__Split.html"""
+        x_t = node.inputs[0]
+        if x_t.name not in self.cl:
+            return False
+        x = self.cl[x_t.name]
+        rank = len(x.spatial) + 2
+        if int(g.attr(node, "axis", 0)) % rank != 1:
+            return False
+        sizes = []
+        for o in node.outputs:
+            if (o.shape is None or len(o.shape) != rank or not is_static(o.shape[1:])
+                    or tuple(o.shape[2:]) != x.spatial):
+                return False
+            sizes.append(int(o.shape[1]))
+        if sum(sizes) != x.channels:
+            return False
+        self._channel_slices(x, list(zip(node.outputs, np.cumsum([0, *sizes[:-1]]), sizes)),
+                             node.name or node.outputs[0].name)
+        return True
+
+    def do_Slice(self, node) -> bool:
+        """A Slice of the channels only (step 1) of a CL tensor: a Slice of the last axis."""
+        x_t, out_t = node.inputs[0], node.outputs[0]
+        if x_t.name not in self.cl or out_t.shape is None:
+            return False
+        x = self.cl[x_t.name]
+        rank = len(x.spatial) + 2
+        if self.e.opset >= 10:
+            vals = [g.const_value(t) if t.name else None for t in node.inputs[1:]]
+            if len(vals) < 2 or any(v is None for v in vals) or \
+                    (len(vals) > 3 and np.any(vals[3] != 1)):
+                return False
+            starts, axes = vals[0], vals[2] if len(vals) > 2 else np.arange(len(vals[0]))
+        else:
+            starts = g.attr(node, "starts")
+            axes = g.attr(node, "axes", None) or list(range(len(starts)))
+        if [int(a) % rank for a in np.ravel(axes)] != [1] or len(out_t.shape) != rank \
+                or not is_static(out_t.shape[1:]) or tuple(out_t.shape[2:]) != x.spatial:
+            return False
+        c = x.channels
+        start = int(np.ravel(starts)[0])
+        start = min(max(start + c if start < 0 else start, 0), c)
+        size = int(out_t.shape[1])
+        if start + size > c:
+            return False
+        self._channel_slices(x, [(out_t, start, size)], node.name or out_t.name)
+        return True
+
+    def _channel_slices(self, x: CL, parts, base: str) -> None:
+        """``(tensor, start, size)`` parts: CL forms sliced from ``x``'s channels."""
+        v = self.primary(x)
+        axis = len(v.shape) - 1
+        for out_t, start, size in parts:
+            y = self.e.slice(v, [int(start)], [int(start + size)], [axis],
+                             [*v.shape[:-1], size], f"{base}/{out_t.name}")
+            self.new_cl(out_t, y, x.spatial, size)
 
     def do_Pad(self, node) -> bool:
         """A Pad of spatial axes only works on the ``(N, *spatial, C)`` view."""
