@@ -3,8 +3,8 @@
 A channel shuffle (Reshape ``(N, s, C/s, *sp)``, Transpose of the two channel axes, Reshape
 back) right after a conv, possibly through a channelwise activation, is absorbed into that conv:
 its dense weight columns (g = 1) or the Transpose that merges its groups (batched grouped MatMul,
-s = g). Any other shuffle of a channels-last tensor is one Transpose of the ``(N·S, s, C/s)``
-view. A 1×1 grouped conv gathers nothing.
+s = g); after a Concat of s equal inputs, into the Concat. Any other shuffle of a channels-last
+tensor is one Transpose of the ``(N·S, s, C/s)`` view. A 1×1 grouped conv gathers nothing.
 """
 
 from __future__ import annotations
@@ -105,17 +105,22 @@ def test_grouped_1x1_conv_gathers_nothing(groups):
     assert ops_of(lowered)["Gather"] == 0
 
 
-def test_shuffle_after_concat_is_one_transpose():
-    """ShuffleNet V2: Concat of two branches, shuffle of 2 groups, then a 1×1 conv."""
+@pytest.mark.parametrize("conv_channels", [4, 6])
+def test_shuffle_after_concat(conv_channels):
+    """ShuffleNet V2: Concat of two branches, shuffle of 2 groups, then a 1×1 conv. Equal
+    halves interleave in the Concat (no shuffle Transpose), unequal ones need one Transpose."""
+    c = 4 + conv_channels
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[1, 1]),
              helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("Concat", ["r", "a"], ["cat"], axis=1)]
-    more, inits = _shuffle_nodes("cat", "s", 2, 8, (5, 5), 1)
+    more, inits = _shuffle_nodes("cat", "s", 2, c, (5, 5), 1)
     nodes += [*more, helper.make_node("Conv", ["s", "w2"], ["y"], kernel_shape=[1, 1])]
-    inits.update(w1=rand(4, 4, 1, 1), w2=rand(3, 8, 1, 1))
+    inits.update(w1=rand(conv_channels, 4, 1, 1), w2=rand(3, c, 1, 1))
     lowered = check(make_model(nodes, [1, 4, 5, 5], inits))
     names = [n.name for n in lowered.graph.node if n.op_type == "Transpose"]
-    assert len(names) == 3 and any("/shuffle" in n for n in names), names  # entry, shuffle, exit
+    shuffles = [n for n in names if "/shuffle" in n]
+    assert len(names) == 2 + len(shuffles), names  # entry and exit
+    assert len(shuffles) == (conv_channels != 4), names
 
 
 @settings(max_examples=10, deadline=None)
