@@ -5,6 +5,7 @@ Usage::
 
     python tools/bench_layers.py                    # both experiments
     python tools/bench_layers.py --only gather --repeat 100
+    python tools/bench_layers.py --only grouped
 
 ``gather``: onnxruntime's Gather copying the 3×3 taps of a stride-1 conv as 9 blocks of C
 floats per output row (what ``lower-im2col`` emits) against 3 blocks of 3·C floats (one per
@@ -15,6 +16,14 @@ bytes it moves, not by the number of blocks.
 (``Gather (rows, K, C)``, ``Mul w[K, C]``, ``ReduceSum`` over K) against a tap-major variant
 (``Gather (K, rows, C)``, ``Mul``, then the sum over K as ``MatMul(ones(1, K), ·)``), and against
 onnxruntime's native depthwise Conv.
+
+``grouped`` (issue 13): ShuffleNet-style grouped 1×1 convs (+ Relu), alone and followed by a
+channel shuffle (Reshape → Transpose → Reshape of the channels), lowered by ``lower-im2col``
+itself on a channels-last input (an NHWC input and output, whose Transposes the form absorbs,
+so only the layer is timed) under each formulation of :mod:`onnx_lower.passes.im2col.cost`
+(``DENSE_GROUPS``): the batched per-group MatMul (``(N, g, S, C/g)``, two Transposes) against
+one block-diagonal MatMul (g× the FLOPs, no Transpose), and against the native grouped Conv
+(+ the native shuffle) on NCHW.
 
 Every variant is checked against the native result first. Sessions use one thread; A/B/C runs
 are interleaved after warm-up and the medians are quoted with their ratios.
@@ -28,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -157,15 +167,90 @@ def depthwise(repeat: int) -> list[str]:
     return lines
 
 
+def _grouped_model(c: int, m: int, hw: int, group: int, shuffle: int, nhwc: bool):
+    """Conv 1×1 (``group``) + Relu (+ a channel shuffle of ``shuffle`` groups), NCHW or NHWC."""
+    rng = np.random.default_rng(0)
+    inits = {"w": (rng.standard_normal((m, c // group, 1, 1)) / np.sqrt(c // group)
+                   ).astype(np.float32), "b": rng.standard_normal(m).astype(np.float32)}
+    nodes, x = [], "x"
+    if nhwc:
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]))
+        x = "xt"
+    nodes += [helper.make_node("Conv", [x, "w", "b"], ["c"], kernel_shape=[1, 1], group=group),
+              helper.make_node("Relu", ["c"], ["r"])]
+    y = "r"
+    if shuffle:
+        inits["s1"] = np.array([1, shuffle, m // shuffle, hw, hw], np.int64)
+        inits["s2"] = np.array([1, m, hw, hw], np.int64)
+        nodes += [helper.make_node("Reshape", ["r", "s1"], ["r5"]),
+                  helper.make_node("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+                  helper.make_node("Reshape", ["t5", "s2"], ["sh"])]
+        y = "sh"
+    if nhwc:
+        nodes.append(helper.make_node("Transpose", [y], ["y"], perm=[0, 2, 3, 1]))
+    else:
+        nodes[-1].output[0] = "y"
+    shape = [1, hw, hw, c] if nhwc else [1, c, hw, hw]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, shape)],
+                              [helper.make_tensor_value_info("y", F, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _lowered(model, **knobs):
+    """``model`` lowered to im2col with the :mod:`~onnx_lower.passes.im2col.cost` ``knobs``."""
+    import onnx_lower
+    from onnx_lower.passes.im2col import cost
+
+    saved = {k: getattr(cost, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(cost, k, v)
+        return onnx_lower.lower(model, form="im2col")[0]
+    finally:
+        for k, v in saved.items():
+            setattr(cost, k, v)
+
+
+#: ShuffleNet V1 (g = 3) and V2-like grouped 1×1 layers: (C, M, H=W, groups, shuffle groups).
+GROUPED_LAYERS = ((240, 60, 28, 3, 0), (60, 240, 28, 3, 0), (480, 120, 14, 3, 0),
+                  (120, 480, 14, 3, 0), (960, 240, 7, 3, 0), (240, 240, 28, 8, 0),
+                  (240, 60, 28, 3, 3), (480, 120, 14, 3, 3), (960, 240, 7, 3, 3))
+
+
+def grouped(repeat: int) -> list[str]:
+    lines = ["| C→M | H=W | g | shuffle | batched ms | block-diagonal ms | native ms | "
+             "batched / native | block-diag / native |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for c, m, hw, group, shuffle in GROUPED_LAYERS:
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        feed_cl = {"x": np.ascontiguousarray(x.transpose(0, 2, 3, 1))}
+        cl = _grouped_model(c, m, hw, group, shuffle, nhwc=True)
+        native = _grouped_model(c, m, hw, group, shuffle, nhwc=False)
+        runs = [(make_session(_lowered(cl, DENSE_GROUPS=1)), feed_cl),
+                (make_session(_lowered(cl, DENSE_GROUPS=1 << 30)), feed_cl),
+                (make_session(native), {"x": x})]
+        want = runs[2][0].run(None, runs[2][1])[0].transpose(0, 2, 3, 1)
+        for sess, feed in runs[:2]:
+            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+        ms = _interleaved(runs, repeat)
+        lines.append(f"| {c}→{m} | {hw} | {group} | {shuffle or '-'} | {ms[0]:.3f} | "
+                     f"{ms[1]:.3f} | {ms[2]:.3f} | {ms[0] / ms[2]:.2f} | {ms[1] / ms[2]:.2f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("gather", "depthwise"), help="run one experiment")
+    ap.add_argument("--only", choices=("gather", "depthwise", "grouped"), help="run one experiment")
     ap.add_argument("--repeat", type=int, default=40, help="timed rounds (default 40)")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
           f"{info['date']}; 1 thread, {args.repeat} interleaved rounds, medians")
-    for name, run in (("gather", gather_blocks), ("depthwise", depthwise)):
+    for name, run in (("gather", gather_blocks), ("depthwise", depthwise),
+                      ("grouped", grouped)):
         if args.only in (None, name):
             print(f"\n{name}\n")
             print("\n".join(run(args.repeat)))

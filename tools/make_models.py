@@ -29,6 +29,14 @@ input [1,3,S,S] with S = ``--size`` (224), output [1,C] with C = ``--classes`` (
 * ``mobilenetv2.onnx`` MobileNetV2 (width 1.0, the standard t/c/n/s table): inverted residuals
   with Clip(0,6) as ReLU6, depthwise 3x3 convs (group = channels), linear 1x1 projections,
   residual Add when stride is 1 and channels match; 1x1 conv to 1280, GlobalAveragePool, Gemm.
+* ``shufflenet.onnx``  ShuffleNet V1 (g = 3, width 1.0): 3x3/2 conv, MaxPool 3x3/2, stages of
+  [4, 8, 4] units with 240/480/960 channels; a unit is grouped 1x1 conv + BN + Relu, channel
+  shuffle (Reshape, Transpose, Reshape), depthwise 3x3 + BN, grouped 1x1 conv + BN, then a
+  residual Add (stride 1) or a Concat with AveragePool 3x3/2 (stride 2), Relu.
+* ``shufflenet_v2.onnx`` ShuffleNet V2 x1.0 (torchvision): stages of [4, 8, 4] units with
+  116/232/464 channels; a unit splits the channels (Split), runs 1x1 + BN + Relu, depthwise 3x3
+  + BN, 1x1 + BN + Relu on one half (stride 2: on the input, with a second depthwise + 1x1
+  branch), Concat, channel shuffle of 2 groups; 1x1 conv to 1024, GlobalAveragePool, Gemm.
 * ``squeezenet.onnx``  SqueezeNet 1.1: fire modules (squeeze 1x1 + Relu; expand 1x1 and 3x3 +
   Relu; Concat on channels), MaxPool 3x3/2 ceil_mode=1, final 1x1 conv to C, Relu,
   GlobalAveragePool, Flatten.
@@ -44,7 +52,7 @@ Commands (from the repository root)::
 
     python tools/make_models.py                                 # the 3 samples -> models/
     python tools/make_models.py --out /tmp/m --only lenet_maxpool
-    python tools/make_models.py --imagenet                      # all 5 -> models/imagenet/
+    python tools/make_models.py --imagenet                      # all 7 -> models/imagenet/
     python tools/make_models.py --imagenet --size 64 --out /tmp/in64 --only resnet18,vgg11
     python tools/make_models.py --imagenet --vgg-fc 256 --classes 10 --no-check
 """
@@ -249,6 +257,30 @@ class GraphBuilder:
 
     def concat(self, xs: Sequence[str]) -> str:
         return self._node("Concat", list(xs), axis=1)
+
+    def split_channels(self, x: str, c: int) -> tuple[str, str]:
+        """``x.chunk(2, dim=1)`` as PyTorch exports it at opset 13: Split with a ``split`` input."""
+        name = self._new_name("Split")
+        sizes = f"{name}.split"
+        self.initializers.append(numpy_helper.from_array(np.array([c // 2, c // 2], np.int64),
+                                                         sizes))
+        outs = [f"{name}.0", f"{name}.1"]
+        self.nodes.append(helper.make_node("Split", [x, sizes], outs, name=name, axis=1))
+        return outs[0], outs[1]
+
+    def channel_shuffle(self, x: str, c: int, hw: int, groups: int) -> str:
+        """ShuffleNet's shuffle as PyTorch exports it: Reshape (1, g, C/g, H, W), Transpose of
+        the two channel axes, Reshape (1, C, H, W)."""
+        shapes = []
+        for dims in ([1, groups, c // groups, hw, hw], [1, c, hw, hw]):
+            shapes.append(f"shape.{'x'.join(map(str, dims))}")
+            if shapes[-1] not in self._consts:  # int64 shapes, shared like _const's scalars
+                self.initializers.append(
+                    numpy_helper.from_array(np.array(dims, np.int64), shapes[-1]))
+                self._consts[shapes[-1]] = shapes[-1]
+        y = self._node("Reshape", [x, shapes[0]])
+        y = self._node("Transpose", [y], perm=[0, 2, 1, 3, 4])
+        return self._node("Reshape", [y, shapes[1]])
 
     # -- composite blocks -----------------------------------------------------------------
 
@@ -504,12 +536,92 @@ def squeezenet(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
     return b.build(x, [1, 3, size, size], [1, classes], "SqueezeNet 1.1")
 
 
+#: ShuffleNet V1, g = 3, width 1.0: output channels and repeats of stages 2-4.
+SHUFFLENET_G3 = ((240, 4), (480, 8), (960, 4))
+
+
+def _shuffle_unit(b: GraphBuilder, x: str, cin: int, cout: int, hw: int, stride: int,
+                  groups: int, first_groups: int) -> str:
+    """ShuffleNet V1 unit: grouped 1x1 conv, BN, Relu, channel shuffle, depthwise 3x3 (stride),
+    BN, grouped 1x1 conv, BN; then + x and Relu (stride 1) or Concat with AveragePool 3x3/2 of
+    x and Relu (stride 2, the branch makes ``cout - cin`` channels)."""
+    out = cout - cin if stride == 2 else cout
+    mid = cout // 4
+    y = b.conv_bn(x, cin, mid, 1, group=first_groups)
+    y = b.channel_shuffle(y, mid, hw, first_groups) if first_groups > 1 else y
+    y = b.conv_bn(y, mid, mid, 3, stride, pad=1, group=mid, act=None)
+    y = b.conv_bn(y, mid, out, 1, group=groups, act=None,
+                  bn_scale=RESIDUAL_BN_SCALE if stride == 1 else 1.0)
+    if stride == 1:
+        return b.relu(b.add(y, x))
+    return b.relu(b.concat([b.avgpool(x, 3, 2, pad=1), y]))
+
+
+def shufflenet(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    b = GraphBuilder("shufflenet")
+    groups = 3
+    with b.scope("stem"):
+        x = b.conv_bn("input", 3, 24, 3, stride=2, pad=1)
+        x, cin, hw = b.maxpool(x, 3, 2, pad=1), 24, size // 4
+    for s, (cout, repeats) in enumerate(SHUFFLENET_G3):
+        for i in range(repeats):
+            with b.scope(f"stage{s + 2}.{i}"):
+                stride = 2 if i == 0 else 1
+                first = 1 if s == 0 and i == 0 else groups  # 24 input channels: no groups
+                x = _shuffle_unit(b, x, cin, cout, hw, stride, groups, first)
+            cin, hw = cout, hw // stride
+    x = _head(b, x, cin, classes)
+    return b.build(x, [1, 3, size, size], [1, classes], "ShuffleNet V1 (g = 3, width 1.0)")
+
+
+#: ShuffleNet V2 x1.0 (torchvision): output channels and repeats of stages 2-4.
+SHUFFLENET_V2 = ((116, 4), (232, 8), (464, 4))
+
+
+def _shuffle_v2_unit(b: GraphBuilder, x: str, cin: int, cout: int, hw: int, stride: int) -> str:
+    """ShuffleNet V2 unit (torchvision's InvertedResidual): stride 1 splits the channels in two
+    halves and runs 1x1 + BN + Relu, depthwise 3x3 + BN, 1x1 + BN + Relu on the second; stride 2
+    runs that branch and a depthwise 3x3/2 + BN, 1x1 + BN + Relu branch on the whole input;
+    then Concat and a channel shuffle of 2 groups."""
+    half = cout // 2
+    if stride == 1:
+        x1, x2 = b.split_channels(x, cin)
+        left, cin2 = x1, cin // 2
+    else:
+        x2, cin2 = x, cin
+        left = b.conv_bn(x, cin, cin, 3, stride, pad=1, group=cin, act=None)
+        left = b.conv_bn(left, cin, half, 1)
+    y = b.conv_bn(x2, cin2, half, 1)
+    y = b.conv_bn(y, half, half, 3, stride, pad=1, group=half, act=None)
+    y = b.conv_bn(y, half, half, 1)
+    return b.channel_shuffle(b.concat([left, y]), cout, hw // stride, 2)
+
+
+def shufflenet_v2(size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    b = GraphBuilder("shufflenet_v2")
+    with b.scope("stem"):
+        x = b.conv_bn("input", 3, 24, 3, stride=2, pad=1)
+        x, cin, hw = b.maxpool(x, 3, 2, pad=1), 24, size // 4
+    for s, (cout, repeats) in enumerate(SHUFFLENET_V2):
+        for i in range(repeats):
+            with b.scope(f"stage{s + 2}.{i}"):
+                stride = 2 if i == 0 else 1
+                x = _shuffle_v2_unit(b, x, cin, cout, hw, stride)
+            cin, hw = cout, hw // stride
+    with b.scope("conv5"):
+        x = b.conv_bn(x, cin, 1024, 1)
+    x = _head(b, x, 1024, classes)
+    return b.build(x, [1, 3, size, size], [1, classes], "ShuffleNet V2 x1.0")
+
+
 IMAGENET: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
     "vgg11": vgg11,
     "mobilenetv2": mobilenetv2,
     "squeezenet": squeezenet,
+    "shufflenet": shufflenet,
+    "shufflenet_v2": shufflenet_v2,
 }
 
 

@@ -50,7 +50,7 @@ from .conv import (
 from .cost import max_stage_cost
 from .fold import Im2colFold, fold_scale_shift
 from .grouped import depthwise_weight
-from .layout import CL, channels_last_constant, flatten_permutation
+from .layout import CL, channels_last_constant, flatten_permutation, shuffle_permutation
 from .lowering import LowerIm2col
 from .ops import ALLOWED_OPS, ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, FORM, LOWERED_OPS
 from .pools import MaxStage, avg_pool_scale, max_pool_plan
@@ -73,6 +73,7 @@ __all__ = [
     "depthwise_weight",
     "avg_pool_scale",
     "flatten_permutation",
+    "shuffle_permutation",
     "SpaceToDepth",
     "MaxStage",
     "max_stage_cost",

@@ -49,7 +49,7 @@ from onnx_lower.windows import resolve_pads, sliding_windows
 from . import cost
 from .emitter import is_static
 from .fold import single_consumer
-from .layout import CL
+from .layout import CL, shuffle_permutation
 from .ops import FORM, SINKABLE
 
 __all__ = [
@@ -280,19 +280,35 @@ class ConvOps:
             return outs[0]
         return self.e.concat(outs, axis, out_shape_fn(rows), base + "/concat")
 
-    def emit_conv(self, node, x: CL, wg: np.ndarray, bias, taps, out_t) -> gs.Variable:
+    def emit_conv(self, node, x: CL, wg: np.ndarray, bias, taps, out_t,
+                  shuffle: int | None = None) -> tuple[gs.Variable, bool]:
         """Gather + contraction for a conv-like op with weights ``(g, K, Cg, Mg)``.
 
-        Returns ``(N·S_out, M)`` (dense and identity cases, a 2-D MatMul) or ``(N, S_out, M)``;
-        the algorithm comes from :func:`choose_conv_algorithm`.
+        Returns ``(y, shuffled)``: ``y`` is ``(N·S_out, M)`` (dense and identity cases, a 2-D
+        MatMul) or ``(N, S_out, M)``; the algorithm comes from :func:`choose_conv_algorithm`.
+        With ``shuffle = s`` (a channel shuffle of ``s`` groups follows), ``shuffled`` says the
+        output channels were written in shuffled order: for free by permuting the dense weight
+        columns and the bias, or, for the batched grouped MatMul with ``s = g``, by the
+        Transpose that merges the groups anyway.
         """
         base = node.name or out_t.name
         plan = gather_indices(taps, x.s)
+        algorithm = choose_conv_algorithm(wg.shape, plan)
+        grp, k, cg, mg = wg.shape
+        shuffled = shuffle is not None and (
+            algorithm in ("matmul", "im2col") or (algorithm == "grouped" and shuffle == grp))
+        if shuffled:
+            perm = shuffle_permutation(grp * mg, shuffle)
+            bias = None if bias is None else np.asarray(bias).reshape(-1)[perm]
+            if algorithm != "grouped":
+                wg = dense_weight(wg)[:, perm].reshape(1, k, grp * cg, grp * mg)
         b = None
         if bias is not None and np.any(bias):
             b = self.e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(x.dtype))
-        emit = getattr(self, "emit_" + choose_conv_algorithm(wg.shape, plan))
-        return emit(x, wg, b, plan, out_t, base)
+        emit = getattr(self, "emit_" + algorithm)
+        if algorithm == "grouped":
+            return emit(x, wg, b, plan, out_t, base, shuffled=shuffled), shuffled
+        return emit(x, wg, b, plan, out_t, base), shuffled
 
     def add_bias(self, y: gs.Variable, b: gs.Constant | None, shape, tag: str) -> gs.Variable:
         return y if b is None else self.e.binary("Add", y, b, shape, tag + "/bias")
@@ -429,14 +445,19 @@ class ConvOps:
                                      f"its windows give {win.out_shape}, the model says "
                                      f"{out_spatial}")
         wg = group_weights(w, group)
+        shuffle = self.shuffle_after(out_t)  # a channel shuffle follows: absorb it if we can
         block = _space_to_depth_block(x.channels, strides, x.dtype) if group == 1 else None
         if block is not None:
             pads = resolve_pads(x.spatial, kernel, strides, dilations, pads, auto_pad)
             s2d = space_to_depth_taps(x.spatial, kernel, strides, pads, dilations, block)
             x2 = self.to_s2d(x_t, block, node.name or out_t.name)
-            y = self.emit_conv(node, x2, s2d.weights(wg), b, s2d.taps, out_t)
+            y, shuffled = self.emit_conv(node, x2, s2d.weights(wg), b, s2d.taps, out_t,
+                                         shuffle and shuffle[0])
         else:
-            y = self.emit_conv(node, self.to_cl(x_t), wg, b, win.taps, out_t)
+            y, shuffled = self.emit_conv(node, self.to_cl(x_t), wg, b, win.taps, out_t,
+                                         shuffle and shuffle[0])
+        if shuffled:
+            self.shuffled.add(shuffle[1].name)
         self.conv_out(out_t, y, out_spatial, m)
         return True
 
@@ -475,7 +496,7 @@ class ConvOps:
                                      f"{out_spatial}")
         taps = conv_transpose_taps(out_spatial, kernel, strides, pads, dilations, x.s)
         wg = group_weights(w, group, transpose=True)
-        y = self.emit_conv(node, x, wg, b, taps, out_t)
+        y, _ = self.emit_conv(node, x, wg, b, taps, out_t)
         self.conv_out(out_t, y, out_spatial, m)
         return True
 

@@ -1,9 +1,18 @@
 """Grouped and depthwise convs of the im2col form.
 
-* groups (not depthwise): ``(N, g, S, C/g)`` (one Transpose), Gather on axis 2, batched
-  MatMul with ``(g, K·C/g, M/g)``, Transpose back. One block-diagonal ``(K·C, M)`` matrix
-  (g× the FLOPs, no Transposes) measured slower at every group count: 3×3 convs, 128 channels
-  at 28², vs onnxruntime: g=2 2.16× vs 1.25×, g=4 4.04× vs 1.67×, g=32 5.75× vs 4.65×.
+* groups (not depthwise): ``(N, g, S, C/g)`` (one Transpose), Gather on axis 2 (none for
+  identity taps: 1×1 stride 1), batched MatMul with ``(g, K·C/g, M/g)``, Transpose back. One
+  block-diagonal ``(K·C, M)`` matrix (g× the FLOPs, no Transposes) measured slower at every
+  group count: 3×3 convs, 128 channels at 28², vs onnxruntime: g=2 2.16× vs 1.25×, g=4 4.04×
+  vs 1.67×, g=32 5.75× vs 4.65×; and for ShuffleNet V1's grouped 1×1 convs (g = 3, issue 13,
+  ``tools/bench_layers.py --only grouped``): equal at 28² (240→60: 1.00× vs 1.03× native),
+  slower at 14² and 7² (1.72-2.16× vs 1.27-1.43×) and at g = 8 (3.08× vs 1.89×). Dropping the
+  identity Gather of 1×1 convs took the batched form from 1.22-2.32× to 1.03-2.10× native.
+* a channel shuffle of ``g`` groups right after a grouped conv (ShuffleNet) is free: the
+  Transpose back writes ``(N, S, M/g, g)`` instead of ``(N, S, g, M/g)``
+  (:meth:`.layout.LayoutOps.shuffle_after`); after a g = 1 conv it permutes the weight columns
+  and the bias (:mod:`.conv`). Grouped 1×1 + Relu + shuffle: 1.30-1.31× native, against
+  1.62-2.55× with the shuffle done in NCHW (exit Transpose, shuffle, entry Transpose).
 * depthwise (``C/g = 1``): ``ReduceSum(Gather(x) · w[K, C], axis=2)`` (a channel multiplier
   adds an axis). Measured per layer against onnxruntime's NCHWc depthwise kernel: 3-15× slower
   whatever the formulation: this one; one Gather + Mul + Add per tap; Slices of the padded
@@ -73,22 +82,32 @@ class GroupedOps:
         return self.per_chunk(s_out, k * grp * mg * dtype.itemsize, dw_body,
                               lambda r: [n, r, m], base, cost.DW_CHUNK_BYTES)
 
-    def emit_grouped(self, x: CL, wg: np.ndarray, b, plan, out_t, base: str):
-        """``(N, g, S, C/g)`` (one Transpose), Gather on axis 2, batched MatMul with
-        ``(g, K·C/g, M/g)``, Transpose back."""
+    def emit_grouped(self, x: CL, wg: np.ndarray, b, plan, out_t, base: str, *,
+                     shuffled: bool = False):
+        """``(N, g, S, C/g)`` (one Transpose), Gather on axis 2 (a Reshape when the taps are the
+        identity: 1×1 stride 1), batched MatMul with ``(g, K·C/g, M/g)``, Transpose back to
+        ``(N, S, g, M/g)``, or to ``(N, S, M/g, g)`` when ``shuffled`` (the channel shuffle of
+        ``g`` groups that follows, for free)."""
         grp, k, cg, mg = wg.shape
         n, m, dtype = x.batch, grp * mg, x.dtype
         s_out = plan.shape[0]
         x4 = self.e.reshape(self.primary(x), [-1, x.s, grp, cg], [n, x.s, grp, cg],
                             base + "/groups")
         xt = self.e.transpose(x4, [0, 2, 1, 3], [n, grp, x.s, cg], base + "/group_major")
-        src = self.source(xt, plan.zero_row, base, axis=2)
-        gat = self.e.gather(src, plan.indices, [n, grp, s_out, k, cg], base + "/gather",
-                            axis=2)
-        flat = self.e.reshape(gat, [-1, grp, s_out, k * cg], [n, grp, s_out, k * cg],
-                              base + "/im2col")
+        if plan.identity:
+            flat = xt if k == 1 else self.e.reshape(
+                xt, [-1, grp, s_out, k * cg], [n, grp, s_out, k * cg], base + "/im2col")
+        else:
+            src = self.source(xt, plan.zero_row, base, axis=2)
+            gat = self.e.gather(src, plan.indices, [n, grp, s_out, k, cg], base + "/gather",
+                                axis=2)
+            flat = self.e.reshape(gat, [-1, grp, s_out, k * cg], [n, grp, s_out, k * cg],
+                                  base + "/im2col")
         w = self.e.const(f"{base}/weight", wg.reshape(grp, k * cg, mg).astype(dtype))
         yg = self.e.binary("MatMul", flat, w, [n, grp, s_out, mg], base + "/matmul")
-        yt = self.e.transpose(yg, [0, 2, 1, 3], [n, s_out, grp, mg], base + "/channel_last")
+        if shuffled:
+            yt = self.e.transpose(yg, [0, 2, 3, 1], [n, s_out, mg, grp], base + "/shuffled")
+        else:
+            yt = self.e.transpose(yg, [0, 2, 1, 3], [n, s_out, grp, mg], base + "/channel_last")
         y = self.e.reshape(yt, [-1, s_out, m], [n, s_out, m], base + "/merge_groups")
         return self.add_bias(y, b, [n, s_out, m], base)

@@ -22,6 +22,11 @@ Gemm, Reshape, then a separate Relu; dynamic batch: nothing fused).
   axis; Reshape/Squeeze/Unsqueeze that keep batch and channels (HAR-CNN's Conv2D over
   ``(N, C, 1, W)``) are free aliases; a Pad of spatial axes runs on the ``(N, *spatial, C)`` view.
   Elsewhere Squeeze/Unsqueeze become Reshape (an im2col op); Identity/Dropout pass through.
+* A channel shuffle (Reshape ``(N, g, C/g, *sp)``, Transpose of the channel axes, Reshape back:
+  channel ``i·g + a`` reads ``a·C/g + i``, :func:`shuffle_permutation`) is absorbed by the conv
+  that produces it (through channelwise activations), else it is one Transpose of the
+  ``(N·S, g, C/g)`` view.
+* Split and Slice of the channels (ShuffleNet V2's channel split) are Slices of the last axis.
 
 """
 
@@ -39,16 +44,24 @@ from onnx_lower.errors import LoweringError
 from onnx_lower.pass_manager import LoweringModel
 
 from .emitter import Emitter, float_dtype, is_static
-from .ops import FORM
+from .fold import single_consumer
+from .ops import FORM, SINKABLE
 
 __all__ = ["CL", "LayoutCore", "LayoutOps", "channels_last_constant", "flatten_permutation",
-           "names_used_by_subgraphs_of"]
+           "names_used_by_subgraphs_of", "shuffle_permutation"]
 
 
 def flatten_permutation(channels: int, s: int) -> np.ndarray:
     """``perm`` with ``flat_cl[:, j] = flat_nchw[:, perm[j]]`` (``j = s·C + c`` ↔ ``c·S + s``)."""
     return np.arange(channels * s).reshape(channels, s).T.reshape(-1)
 
+
+
+def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
+    """``perm`` with ``shuffled[..., j] = x[..., perm[j]]`` for ShuffleNet's channel shuffle
+    (Reshape to ``(g, C/g)``, swap the two, Reshape back): ``j = i·g + a`` reads ``a·C/g + i``."""
+    j = np.arange(channels)
+    return (j % groups) * (channels // groups) + j // groups
 
 
 def channels_last_constant(value: np.ndarray, rank: int, channels: int,
@@ -131,6 +144,9 @@ class LayoutCore:
         self.flat: dict[str, tuple[gs.Variable, tuple[int, int]]] = {}
         self.sunk: dict[str, gs.Node] = {}  # conv output -> its activation, run per chunk
         self.originals: dict[str, gs.Tensor] = {}  # name -> tensor, for every CL/flat entry
+        # tensors whose CL data a producer conv already wrote in the order of the channel
+        # shuffle that follows (the shuffle is then free)
+        self.shuffled: set[str] = set()
         graph_outputs = {t.name for t in graph.outputs}
         self.keep_nchw = names_used_by_subgraphs(graph) | graph_outputs
 
@@ -305,7 +321,81 @@ class LayoutOps:
         return True
 
     def do_Reshape(self, node) -> bool:
-        return self._alias(node)
+        return self._alias(node) or self._shuffle(node)
+
+    def channel_shuffle(self, node) -> tuple[int, gs.Node, gs.Node] | None:
+        """``(g, transpose, merge)`` if the Reshape ``node`` opens a channel shuffle.
+
+        The pattern (PyTorch's ``channel_shuffle``): Reshape ``(N, C, *sp)`` → ``(N, g, C/g,
+        *sp)``, Transpose swapping axes 1 and 2, Reshape back to ``(N, C, *sp)``, each the sole
+        consumer of the one before, with ``1 < g < C``.
+        """
+        x_t, mid = node.inputs[0], node.outputs[0]
+        if not g.is_op(node, "Reshape") or x_t.shape is None or mid.shape is None:
+            return None
+        rank = len(x_t.shape)
+        if rank < 3 or len(mid.shape) != rank + 1 or not is_static(x_t.shape[1:]) \
+                or not is_static(mid.shape[1:]) or mid.shape[0] != x_t.shape[0]:
+            return None
+        c, grp = int(x_t.shape[1]), int(mid.shape[1])
+        if not 1 < grp < c or grp * int(mid.shape[2]) != c or \
+                list(mid.shape[3:]) != list(x_t.shape[2:]):
+            return None
+        tr = single_consumer(self.graph, mid)
+        if (tr is None or mid.name in self.keep_nchw or not g.is_op(tr, "Transpose")
+                or list(g.attr(tr, "perm", [])) != [0, 2, 1, *range(3, rank + 1)]):
+            return None
+        swapped = tr.outputs[0]
+        merge = single_consumer(self.graph, swapped)
+        if (merge is None or swapped.name in self.keep_nchw or not g.is_op(merge, "Reshape")
+                or merge.inputs[0] is not swapped):
+            return None
+        out = merge.outputs[0]
+        if out.shape is None or list(out.shape) != list(x_t.shape):
+            return None
+        return grp, tr, merge
+
+    def shuffle_after(self, t: gs.Tensor) -> tuple[int, gs.Tensor] | None:
+        """``(g, u)`` when ``t`` reaches a channel shuffle of ``g`` groups through sole-consumer
+        channelwise activations (which commute with a channel permutation); ``u`` is the
+        shuffle's input."""
+        while True:
+            nxt = single_consumer(self.graph, t)
+            if nxt is None or t.name in self.keep_nchw or nxt.inputs[0] is not t:
+                return None
+            if g.is_op(nxt, "Reshape"):
+                found = self.channel_shuffle(nxt)
+                return None if found is None else (found[0], t)
+            if (nxt.op not in SINKABLE or nxt.domain not in g.DEFAULT_DOMAINS
+                    or len(nxt.outputs) != 1
+                    or any(g.const_value(i) is None for i in nxt.inputs[1:] if i.name)):
+                return None
+            t = nxt.outputs[0]
+
+    def _shuffle(self, node) -> bool:
+        """A channel shuffle of a CL tensor: free when the producer conv wrote its channels in
+        shuffled order (:attr:`shuffled`), else one Transpose of the ``(N·S, g, C/g)`` view
+        (the NCHW round trip took three: exit, the shuffle itself, entry)."""
+        x_t = node.inputs[0]
+        found = self.channel_shuffle(node) if x_t.name in self.cl else None
+        if found is None:
+            return False
+        grp, tr, merge = found
+        x, out_t = self.cl[x_t.name], merge.outputs[0]
+        if x_t.name in self.shuffled:
+            self.cl[out_t.name] = x
+            self.originals[out_t.name] = out_t
+        else:
+            base = node.name or out_t.name
+            c, rows = x.channels, x.rows_dim
+            v = self.e.reshape(self.t2(x), [-1, grp, c // grp], [rows, grp, c // grp],
+                               base + "/groups")
+            v = self.e.transpose(v, [0, 2, 1], [rows, c // grp, grp], base + "/shuffle")
+            y = self.e.reshape(v, [-1, c], [rows, c], base + "/merge")
+            self.new_cl(out_t, y, x.spatial, c)
+        g.detach(tr)
+        g.detach(merge)
+        return True
 
     def do_Flatten(self, node) -> bool:
         rank = len(node.inputs[0].shape or [])
@@ -343,6 +433,66 @@ class LayoutOps:
         self.e.reshape(self.primary(x), [-1, *x.spatial, x.channels], out_t.shape,
                        node.name or out_t.name, out=out_t)
         return True
+
+    def do_Split(self, node) -> bool:
+        """A Split of the channels of a CL tensor (ShuffleNet V2's channel split): one Slice of
+        the last axis per output (Split is not an im2col op). ``axis`` defaults to 0:
+        https://onnx.ai/onnx/operators/onnx__Split.html"""
+        x_t = node.inputs[0]
+        if x_t.name not in self.cl:
+            return False
+        x = self.cl[x_t.name]
+        rank = len(x.spatial) + 2
+        if int(g.attr(node, "axis", 0)) % rank != 1:
+            return False
+        sizes = []
+        for o in node.outputs:
+            if (o.shape is None or len(o.shape) != rank or not is_static(o.shape[1:])
+                    or tuple(o.shape[2:]) != x.spatial):
+                return False
+            sizes.append(int(o.shape[1]))
+        if sum(sizes) != x.channels:
+            return False
+        self._channel_slices(x, list(zip(node.outputs, np.cumsum([0, *sizes[:-1]]), sizes)),
+                             node.name or node.outputs[0].name)
+        return True
+
+    def do_Slice(self, node) -> bool:
+        """A Slice of the channels only (step 1) of a CL tensor: a Slice of the last axis."""
+        x_t, out_t = node.inputs[0], node.outputs[0]
+        if x_t.name not in self.cl or out_t.shape is None:
+            return False
+        x = self.cl[x_t.name]
+        rank = len(x.spatial) + 2
+        if self.e.opset >= 10:
+            vals = [g.const_value(t) if t.name else None for t in node.inputs[1:]]
+            if len(vals) < 2 or any(v is None for v in vals) or \
+                    (len(vals) > 3 and np.any(vals[3] != 1)):
+                return False
+            starts, axes = vals[0], vals[2] if len(vals) > 2 else np.arange(len(vals[0]))
+        else:
+            starts = g.attr(node, "starts")
+            axes = g.attr(node, "axes", None) or list(range(len(starts)))
+        if [int(a) % rank for a in np.ravel(axes)] != [1] or len(out_t.shape) != rank \
+                or not is_static(out_t.shape[1:]) or tuple(out_t.shape[2:]) != x.spatial:
+            return False
+        c = x.channels
+        start = int(np.ravel(starts)[0])
+        start = min(max(start + c if start < 0 else start, 0), c)
+        size = int(out_t.shape[1])
+        if start + size > c:
+            return False
+        self._channel_slices(x, [(out_t, start, size)], node.name or out_t.name)
+        return True
+
+    def _channel_slices(self, x: CL, parts, base: str) -> None:
+        """``(tensor, start, size)`` parts: CL forms sliced from ``x``'s channels."""
+        v = self.primary(x)
+        axis = len(v.shape) - 1
+        for out_t, start, size in parts:
+            y = self.e.slice(v, [int(start)], [int(start + size)], [axis],
+                             [*v.shape[:-1], size], f"{base}/{out_t.name}")
+            self.new_cl(out_t, y, x.spatial, size)
 
     def do_Pad(self, node) -> bool:
         """A Pad of spatial axes only works on the ``(N, *spatial, C)`` view."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lower
@@ -81,3 +82,43 @@ def test_tensor_read_by_a_subgraph_keeps_its_layout():
         feed = {"x": rand(1, 2, 5, 5), "cond": np.array(cond)}
         report = validate(model, lowered, inputs=feed, rtol=1e-4, atol=1e-4)
         assert report.passed, "\n".join(report.summary_lines())
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_channel_split_stays_channels_last(opset):
+    """ShuffleNet V2's channel split: one Slice of the last axis per output, no Transpose."""
+    split = {}
+    inputs = ["c"]
+    if opset == 11:
+        split = {"split": [2, 4]}
+    elif opset == 13:
+        inputs.append("sizes")
+    else:
+        split = {"num_outputs": 2}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Split", inputs, ["a", "b"], axis=1, **split),
+             helper.make_node("Conv", ["b", "w2"], ["d"], kernel_shape=[1, 1]),
+             helper.make_node("Concat", ["a", "d"], ["y"], axis=1)]
+    channels = 6 if opset != 18 else 4
+    inits = {"w": rand(channels, 3, 3, 3), "w2": rand(3, 4 if opset != 18 else 2, 1, 1)}
+    if opset == 13:
+        inits["sizes"] = np.array([2, 4], np.int64)
+    lowered = check(make_model(nodes, ["N", 3, 5, 4], inits, opset=opset), batches=(1, 2))
+    assert ops_of(lowered)["Transpose"] == 2  # entry and exit only
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+@pytest.mark.parametrize("start,end", [(1, 4), (-3, 100)])
+def test_channel_slice_stays_channels_last(opset, start, end):
+    if opset >= 10:
+        nodes = [helper.make_node("Slice", ["c", "st", "en", "ax"], ["s"])]
+        inits = {"st": np.array([start], np.int64), "en": np.array([end], np.int64),
+                 "ax": np.array([1], np.int64)}
+    else:
+        nodes = [helper.make_node("Slice", ["c"], ["s"], starts=[start], ends=[end], axes=[1])]
+        inits = {}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]), *nodes,
+             helper.make_node("Relu", ["s"], ["y"])]
+    inits["w"] = rand(5, 2, 3, 3)
+    lowered = check(make_model(nodes, ["N", 2, 6, 6], inits, opset=opset), batches=(1, 2))
+    assert ops_of(lowered)["Transpose"] == 2

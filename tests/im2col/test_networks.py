@@ -51,7 +51,7 @@ def test_corpus_present():
 
 
 @pytest.mark.parametrize("name", [
-    "resnet18", "mobilenetv2", "squeezenet",
+    "resnet18", "mobilenetv2", "squeezenet", "shufflenet", "shufflenet_v2",
     pytest.param("resnet50", marks=pytest.mark.slow), pytest.param("vgg11", marks=pytest.mark.slow),
 ])
 def test_imagenet_models(name):
