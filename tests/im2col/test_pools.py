@@ -71,7 +71,7 @@ def test_global_pools(op, spatial):
 def test_maxpool_indices_output_is_refused():
     node = helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2])
     model = make_model([node], [1, 2, 4, 4])
-    model.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 2, 2, 2]))
+    model.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 2, 3, 3]))
     with pytest.raises(LoweringError, match="Indices"):
         onnx_lower.lower(model, form="im2col")
 
