@@ -13,8 +13,9 @@ The input gate raises :class:`~onnx_lower.errors.InvalidModelError` (exit 2); th
 a pass). Either message is the checker's or onnxruntime's own, on one line; both name the node
 when the failure is a node's.
 
-Memory: the checker runs on :func:`~onnx_lower.model_io.skeleton` (weights above 4 KB become
-typed graph inputs), so models over 2 GB and external data need no second copy and no path.
+Memory: the checker runs on :func:`~onnx_lower.model_io.skeleton` (weights above 4 KB and
+sparse initializers become typed graph inputs), so models over 2 GB and external data need no
+second copy and no path; the output is read back from its file without its external data.
 onnxruntime loads from the file when there is one (the only way beyond 2 GB, and it resolves
 external data beside the file); the session is dropped at once. ``ort_check=False``
 (``--no-ort-check``) skips the input's onnxruntime load, for models too large to load twice;
@@ -55,11 +56,14 @@ __all__ = [
 def checker_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     """The full checker's message on one line, or None when ``model`` passes.
 
-    A proto is checked through its skeleton; a path is handed to the checker as a path.
+    The checker sees the model's skeleton (a path is read without its external data): its
+    sparse initializers become typed inputs too, which onnx's strict shape inference needs
+    (it types a sparse initializer as a sparse tensor, which MatMul's inference refuses).
     """
-    target = os.fspath(model) if not isinstance(model, onnx.ModelProto) else skeleton(model)
     try:
-        onnx.checker.check_model(target, full_check=True)
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        onnx.checker.check_model(skeleton(model), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, ValueError, DecodeError...
         return one_line(exc)
     return None

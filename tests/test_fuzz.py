@@ -395,6 +395,9 @@ REGRESSIONS: dict[str, tuple[str, Mutation, str]] = {
         "models/resblock_bn.onnx", Mutation("flip_bytes", 942827576, 6), "fold-only"),
     "invalid-utf8-string-mlp": (
         "corpus/emclab-sinica__HAR-CNN.onnx", Mutation("flip_bytes", 798360682, 3), "mlp"),
+    # [second run, 573] a conv weight reshaped to 1-D: IndexError in the window reader
+    "conv-weight-1d": (
+        "corpus/stanleybak__cifar10_small.onnx", Mutation("initializer_shape", 8, [384]), "mlp"),
     # [default seed 48] an input dimension of 0: the output gate caught a Reshape to 0 elements
     "input-dim-zero": ("models/resblock_bn.onnx", Mutation("input_dim", 1, 0), "im2col"),
 }
