@@ -49,6 +49,7 @@ __all__ = [
     "checker_problem",
     "ort_problem",
     "text_problem",
+    "runtime_problem",
     "one_line",
 ]
 
@@ -183,6 +184,35 @@ def check_output(path: str | os.PathLike, *, ort_load: bool = True) -> None:
     problem = ort_problem(path) if ort_load else None
     if problem:
         raise OutputGateError(f"onnxruntime load: {problem}")
+
+
+def runtime_problem(model: onnx.ModelProto | str | os.PathLike, batch: int = 1) -> str | None:
+    """Why onnxruntime cannot run ``model`` as it declares itself, or None.
+
+    Runs it once on seeded random inputs: an error, or an output whose static declared shape
+    differs from what it computes, is the model's own inconsistency (the static checks cannot
+    see it: a Gemm whose input was resized, a declared output shape the graph does not
+    produce). Used only after the output gate failed, to tell such an input from a bug.
+    """
+    from .validate import load_proto, make_session, random_inputs
+
+    try:
+        session = make_session(model, 1, label="model", optimize=False)
+        feed = random_inputs(load_proto(model), batch=batch)
+        values = session.run(None, feed)
+    except Exception as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        return f"onnxruntime cannot run it: {one_line(cause)}"
+    declared = {o.name: o.type.tensor_type.shape.dim for o in load_proto(model).graph.output}
+    for out, value in zip(session.get_outputs(), values, strict=True):
+        dims = declared.get(out.name)
+        if not dims:
+            continue
+        want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        got = list(getattr(value, "shape", ()))
+        if len(want) != len(got) or any(w is not None and w != v for w, v in zip(want, got)):
+            return f"its output '{out.name}' is declared {want} but computes {got}"
+    return None
 
 
 def one_line(exc: BaseException) -> str:
