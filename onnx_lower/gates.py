@@ -124,8 +124,8 @@ def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
 
 
 def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
-    """The checker half of the input gate, and no empty graph input; :class:`InvalidModelError`
-    on failure."""
+    """The checker half of the input gate (text fields, then the full checker);
+    :class:`InvalidModelError` on failure."""
     bad = text_problem(model)
     if bad:
         raise InvalidModelError(
@@ -139,18 +139,6 @@ def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
             f"source, or check it with `python -c \"import onnx; "
             f"onnx.checker.check_model('MODEL.onnx', full_check=True)\"`"
         )
-    weights = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in weights or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:
-                raise InvalidModelError(
-                    f"{where}: input '{value.name}' has dimension {axis} of size "
-                    f"{dim.dim_value}, an empty tensor: there is nothing to lower. Give the "
-                    f"dimension its real size"
-                )
 
 
 def check_input_loads(model: onnx.ModelProto | str | os.PathLike, *, where: str) -> None:
