@@ -411,6 +411,9 @@ REGRESSIONS: dict[str, tuple[str, Mutation, str]] = {
         "corpus/amandashi95__resnet20.onnx", Mutation("input_dim", 0, 3), "auto"),
     "resized-input-breaks-gemm": (
         "corpus/stanleybak__resnet_2b.onnx", Mutation("input_dim", 2, 3), "im2col"),
+    # [1895] the same for a Gemm right after the input
+    "resized-input-breaks-first-gemm": (
+        "corpus/stanleybak__mnist-net_256x2.onnx", Mutation("input_dim", 2, 3), "im2col"),
     # [default seed 48] 0 input channels: the output gate caught a Reshape to 0 elements; the
     # input does not run in onnxruntime as declared either, so it is exit 2 (an empty input
     # as such stays legal: the Reshape allowzero conformance case has one)
