@@ -117,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .api import lower
-    from .gates import check_output
     from .model_io import stage_model
     from .pass_manager import registered_passes
     from .pipelines import load_passes
@@ -162,7 +161,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         report.timings["save_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        check_output(staged.file, ort_load=staged.ort_load)
+        _output_gate(args, staged)
         report.timings["output_gate_s"] = time.perf_counter() - start
         if validating:
             _validate(args, report, staged.file, given_inputs, input_range, progress)
@@ -195,6 +194,22 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for line in report.validation.failures():
             print(f"validation failed: {line}", file=sys.stderr)
     return status
+
+
+def _output_gate(args: argparse.Namespace, staged) -> None:
+    """The output gate; a failure is a bug unless the input itself does not run as declared."""
+    from .errors import InvalidModelError, OutputGateError
+    from .gates import check_output, runtime_problem
+
+    try:
+        check_output(staged.file, ort_load=staged.ort_load)
+    except OutputGateError:
+        problem = None if args.no_ort_check else runtime_problem(args.input, args.batch)
+        if problem:
+            raise InvalidModelError(
+                f"'{args.input}' is inconsistent: {problem}. Fix the model at its source"
+            ) from None
+        raise
 
 
 def _validate(args, report, lowered: Path, given_inputs, input_range, progress) -> None:

@@ -13,8 +13,9 @@ The input gate raises :class:`~onnx_lower.errors.InvalidModelError` (exit 2); th
 a pass). Either message is the checker's or onnxruntime's own, on one line; both name the node
 when the failure is a node's.
 
-Memory: the checker runs on :func:`~onnx_lower.model_io.skeleton` (weights above 4 KB become
-typed graph inputs), so models over 2 GB and external data need no second copy and no path.
+Memory: the checker runs on :func:`~onnx_lower.model_io.skeleton` (weights above 4 KB and
+sparse initializers become typed graph inputs), so models over 2 GB and external data need no
+second copy and no path; the output is read back from its file without its external data.
 onnxruntime loads from the file when there is one (the only way beyond 2 GB, and it resolves
 external data beside the file); the session is dropped at once. ``ort_check=False``
 (``--no-ort-check``) skips the input's onnxruntime load, for models too large to load twice;
@@ -48,6 +49,7 @@ __all__ = [
     "checker_problem",
     "ort_problem",
     "text_problem",
+    "runtime_problem",
     "one_line",
 ]
 
@@ -55,11 +57,14 @@ __all__ = [
 def checker_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
     """The full checker's message on one line, or None when ``model`` passes.
 
-    A proto is checked through its skeleton; a path is handed to the checker as a path.
+    The checker sees the model's skeleton (a path is read without its external data): its
+    sparse initializers become typed inputs too, which onnx's strict shape inference needs
+    (it types a sparse initializer as a sparse tensor, which MatMul's inference refuses).
     """
-    target = os.fspath(model) if not isinstance(model, onnx.ModelProto) else skeleton(model)
     try:
-        onnx.checker.check_model(target, full_check=True)
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        onnx.checker.check_model(skeleton(model), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, ValueError, DecodeError...
         return one_line(exc)
     return None
@@ -119,8 +124,8 @@ def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:
 
 
 def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
-    """The checker half of the input gate, and no empty graph input; :class:`InvalidModelError`
-    on failure."""
+    """The checker half of the input gate (text fields, then the full checker);
+    :class:`InvalidModelError` on failure."""
     bad = text_problem(model)
     if bad:
         raise InvalidModelError(
@@ -134,18 +139,6 @@ def check_input(model: onnx.ModelProto, *, where: str = "the model") -> None:
             f"source, or check it with `python -c \"import onnx; "
             f"onnx.checker.check_model('MODEL.onnx', full_check=True)\"`"
         )
-    weights = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in weights or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:
-                raise InvalidModelError(
-                    f"{where}: input '{value.name}' has dimension {axis} of size "
-                    f"{dim.dim_value}, an empty tensor: there is nothing to lower. Give the "
-                    f"dimension its real size"
-                )
 
 
 def check_input_loads(model: onnx.ModelProto | str | os.PathLike, *, where: str) -> None:
@@ -179,6 +172,35 @@ def check_output(path: str | os.PathLike, *, ort_load: bool = True) -> None:
     problem = ort_problem(path) if ort_load else None
     if problem:
         raise OutputGateError(f"onnxruntime load: {problem}")
+
+
+def runtime_problem(model: onnx.ModelProto | str | os.PathLike, batch: int = 1) -> str | None:
+    """Why onnxruntime cannot run ``model`` as it declares itself, or None.
+
+    Runs it once on seeded random inputs: an error, or an output whose static declared shape
+    differs from what it computes, is the model's own inconsistency (the static checks cannot
+    see it: a Gemm whose input was resized, a declared output shape the graph does not
+    produce). Used only after the output gate failed, to tell such an input from a bug.
+    """
+    from .validate import load_proto, make_session, random_inputs
+
+    try:
+        session = make_session(model, 1, label="model", optimize=False)
+        feed = random_inputs(load_proto(model), batch=batch)
+        values = session.run(None, feed)
+    except Exception as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        return f"onnxruntime cannot run it: {one_line(cause)}"
+    declared = {o.name: o.type.tensor_type.shape.dim for o in load_proto(model).graph.output}
+    for out, value in zip(session.get_outputs(), values, strict=True):
+        dims = declared.get(out.name)
+        if not dims:
+            continue
+        want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        got = list(getattr(value, "shape", ()))
+        if len(want) != len(got) or any(w is not None and w != v for w, v in zip(want, got)):
+            return f"its output '{out.name}' is declared {want} but computes {got}"
+    return None
 
 
 def one_line(exc: BaseException) -> str:

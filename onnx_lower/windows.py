@@ -285,6 +285,12 @@ def window_attributes(
     group = int(attrs.get("group", 1))
     if group < 1:
         refuse("group", f"is {group}; it must be >= 1")
+    if weight_shape is not None and len(weight_shape) != r + 2:
+        raise InvalidModelError(
+            f"node '{node.name}' ({node.op}): its weight W has shape {list(weight_shape)}; a "
+            f"kernel of {r} spatial axes needs a weight of rank {r + 2} (output channels, "
+            f"input channels per group, kernel). Fix the model at its source"
+        )
     if channels is not None and weight_shape is not None and node.op == "Conv":
         m, cg = int(weight_shape[0]), int(weight_shape[1])
         if channels % group or cg * group != channels or m % group:

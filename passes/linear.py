@@ -1030,6 +1030,10 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
     if wb is None:
         _refuse("Gemm of two activations is not linear")
     c = _const_input(node, 2, "C")
+    for name in ("alpha", "beta"):
+        if not np.isfinite(float(attr(node, name, 1.0))):
+            # folded into the weights, inf·0 would be NaN where the original computes 0·x
+            _refuse(f"{name} is {attr(node, name)}; a non-finite scale cannot be folded exactly")
     amap = gemm_map(
         xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), flag(node, "transB")
     )

@@ -395,7 +395,28 @@ REGRESSIONS: dict[str, tuple[str, Mutation, str]] = {
         "models/resblock_bn.onnx", Mutation("flip_bytes", 942827576, 6), "fold-only"),
     "invalid-utf8-string-mlp": (
         "corpus/emclab-sinica__HAR-CNN.onnx", Mutation("flip_bytes", 798360682, 3), "mlp"),
-    # [default seed 48] an input dimension of 0: the output gate caught a Reshape to 0 elements
+    # [second run, 573] a conv weight reshaped to 1-D: IndexError in the window reader
+    "conv-weight-1d": (
+        "corpus/stanleybak__cifar10_small.onnx", Mutation("initializer_shape", 8, [384]), "mlp"),
+    # [third run, seeds 1050-2049: 1132] Gemm alpha=inf folded into the weights: NaN where
+    # the original has 0·x (exit 1); a non-finite scale is now refused by the Gemm reader
+    "gemm-alpha-inf": (
+        "corpus/stanleybak__mnist-net_256x2.onnx", Mutation("attribute", "alpha", float("inf"), 5),
+        "fold-only"),
+    # [1146] the batch made 3 where the graph declares its output for batch 1, and [1563] a
+    # spatial size the Gemm after the convs cannot take: neither runs in onnxruntime as
+    # declared, which no static check sees; the output gate failed (exit 3). Now the CLI asks
+    # onnxruntime to run the input before blaming itself: exit 2
+    "declared-output-batch-contradicted": (
+        "corpus/amandashi95__resnet20.onnx", Mutation("input_dim", 0, 3), "auto"),
+    "resized-input-breaks-gemm": (
+        "corpus/stanleybak__resnet_2b.onnx", Mutation("input_dim", 2, 3), "im2col"),
+    # [1895] the same for a Gemm right after the input
+    "resized-input-breaks-first-gemm": (
+        "corpus/stanleybak__mnist-net_256x2.onnx", Mutation("input_dim", 2, 3), "im2col"),
+    # [default seed 48] 0 input channels: the output gate caught a Reshape to 0 elements; the
+    # input does not run in onnxruntime as declared either, so it is exit 2 (an empty input
+    # as such stays legal: the Reshape allowzero conformance case has one)
     "input-dim-zero": ("models/resblock_bn.onnx", Mutation("input_dim", 1, 0), "im2col"),
 }
 
