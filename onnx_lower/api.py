@@ -20,6 +20,7 @@ import gc
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 
 from . import cost
@@ -47,8 +48,14 @@ def lower(
     verify_each: bool = False,
     dump_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
+    input_box: tuple[np.ndarray, np.ndarray] | None = None,
+    drop_final_softmax: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
+
+    ``input_box`` (``(lo, hi)`` per input element, C order, one sample; or scalars) lets the
+    layered form carry signed values in one neuron; its output is then exact inside the box.
+    ``drop_final_softmax`` lets the layered form drop a Softmax computing the output.
 
     Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """
@@ -65,6 +72,8 @@ def lower(
         verify_each=verify_each,
         dump_dir=dump_dir,
         progress=progress,
+        input_box=input_box,
+        drop_final_softmax=drop_final_softmax,
     )
     regions: list[RegionReport] = []
     if passes:
