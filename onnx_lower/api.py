@@ -61,6 +61,10 @@ def lower(
     """
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if drop_final_softmax and (form != "layered" or passes):
+        raise LoweringError(
+            "--drop-final-softmax applies to --form layered only (the other forms keep a Softmax)"
+        )
     start = time.perf_counter()
     source = _Source(model)
     before = model_stats(source.proto())  # also feeds the auto plan its MAC count
