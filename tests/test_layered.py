@@ -63,7 +63,9 @@ def check_chain(model: onnx.ModelProto) -> int:
     for n in nodes[1:]:
         assert n.input[0] == chained[-1], f"{n.name} does not read the previous node"
         chained.append(n.output[0])
-    assert len(model.graph.input) == 1 and len(model.graph.output) == 1
+    inits_listed = {t.name for t in model.graph.initializer}  # IR < 4 lists them as inputs
+    assert len([i for i in model.graph.input if i.name not in inits_listed]) == 1
+    assert len(model.graph.output) == 1
     return hidden + 1
 
 
