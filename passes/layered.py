@@ -58,7 +58,7 @@ from onnx_lower.affine import affine_of, as_term, is_affine, selection, to_dense
 from onnx_lower.errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import LoweringModel, Pass, PassResult, register_pass
 
-__all__ = ["LayerChainPass", "LayerPlan", "plan_layers", "PLACEMENTS"]
+__all__ = ["LayerChainPass", "LayerPlan", "chain_bytes", "layer_chain", "plan_layers", "PLACEMENTS"]
 
 PLACEMENTS = ("asap", "alap")
 #: Relative and absolute outward margin on an interval lower bound used by a box carry.
@@ -479,52 +479,61 @@ class _Builder:
 # --- the pass ------------------------------------------------------------------------------
 
 
+def layer_chain(model: LoweringModel) -> tuple[list[_Layer], list[int], dict]:
+    """The layers (sparse float64) of the folded graph of ``model``, their widths (input
+    first) and the report's ``layered`` part; the graph is not changed."""
+    graph = model.graph
+    graph.toposort()
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise LoweringError(
+            f"the layered form takes a model with exactly one input and one output (a .nnet "
+            f"file holds one of each); this one has {len(graph.inputs)} inputs "
+            f"({', '.join(t.name for t in graph.inputs)}) and {len(graph.outputs)} outputs "
+            f"({', '.join(t.name for t in graph.outputs)})"
+        )
+    x, y = graph.inputs[0], graph.outputs[0]
+    opts = model.options
+    source, dropped = _drop_final_softmax(y) if opts.drop_final_softmax else (y, None)
+    atoms, output = _expressions(graph, x, source, dropped)
+    readers = _live_readers(atoms, output)
+    box = opts.input_box
+    if box is not None:
+        box = _check_box(box, atoms[0].width)
+        _bounds(atoms, readers, box)
+    plans = plan_layers(atoms, readers, box is not None)
+    builder = _Builder(atoms, readers, plans[0], box is not None)
+    layers = builder.build()
+    notes = {
+        "placement": plans[0].placement,
+        "neurons": {p.placement: p.neurons for p in plans},
+        "layers": [
+            {"width": la.width, "relu": la.relu, "carry_one": la.carry_one,
+             "carry_two": la.carry_two, "carry_box": la.carry_box}
+            for la in layers
+        ],
+        "relu_neurons": sum(la.relu for la in layers),
+        "carry_neurons": sum(la.carry_one + la.carry_two + la.carry_box for la in layers),
+        "exact": "inside the input box" if builder.box_used else "everywhere",
+        "input_box": box is not None,
+        "dropped_softmax": dropped,
+    }
+    return layers, builder.widths, notes
+
+
+
 @register_pass("layer-chain")
 class LayerChainPass(Pass):
     """Turn the folded Affine/Relu DAG into a strict (MatMul, Add, Relu)* chain."""
 
     def run(self, model: LoweringModel) -> PassResult:
         graph = model.graph
-        graph.toposort()
-        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-            raise LoweringError(
-                f"the layered form takes a model with exactly one input and one output (a .nnet "
-                f"file holds one of each); this one has {len(graph.inputs)} inputs "
-                f"({', '.join(t.name for t in graph.inputs)}) and {len(graph.outputs)} outputs "
-                f"({', '.join(t.name for t in graph.outputs)})"
-            )
+        layers, widths, notes = layer_chain(model)  # checks one input and one output
         x, y = graph.inputs[0], graph.outputs[0]
-        opts = model.options
-        source, dropped = _drop_final_softmax(y) if opts.drop_final_softmax else (y, None)
-        atoms, output = _expressions(graph, x, source, dropped)
-        readers = _live_readers(atoms, output)
-        box = opts.input_box
-        if box is not None:
-            box = _check_box(box, atoms[0].width)
-            _bounds(atoms, readers, box)
-        plans = plan_layers(atoms, readers, box is not None)
-        plan = plans[0]
-        builder = _Builder(atoms, readers, plan, box is not None)
-        layers = builder.build()  # sparse float64; nothing dense yet
-        widths = builder.widths
-        _check_budget(widths, y, opts.max_weight_bytes)
+        _check_budget(widths, y, model.options.max_weight_bytes)
         self._emit(graph, x, y, layers, widths)
-        model.notes["emitted_weight_bytes"] = _dense_bytes(widths, y)
+        model.notes["emitted_weight_bytes"] = chain_bytes(widths, y)
         model.notes["emitted_matmuls"] = len(layers)
-        model.notes["layered"] = {
-            "placement": plan.placement,
-            "neurons": {p.placement: p.neurons for p in plans},
-            "layers": [
-                {"width": la.width, "relu": la.relu, "carry_one": la.carry_one,
-                 "carry_two": la.carry_two, "carry_box": la.carry_box}
-                for la in layers
-            ],
-            "relu_neurons": sum(la.relu for la in layers),
-            "carry_neurons": sum(la.carry_one + la.carry_two + la.carry_box for la in layers),
-            "exact": "inside the input box" if builder.box_used else "everywhere",
-            "input_box": box is not None,
-            "dropped_softmax": dropped,
-        }
+        model.notes["layered"] = notes
         return PassResult(True)
 
     @staticmethod
@@ -559,16 +568,17 @@ class LayerChainPass(Pass):
         graph.nodes.extend(nodes)
 
 
-def _dense_bytes(widths: list[int], y: gs.Tensor) -> int:
+def chain_bytes(widths: list[int], y: gs.Tensor) -> int:
+    """Dense weight and bias bytes of a chain of ``widths`` (input first) in ``y``'s dtype."""
     itemsize = np.dtype(y.dtype or np.float32).itemsize
     return sum(a * b + b for a, b in zip(widths, widths[1:])) * itemsize
 
 
 def _check_budget(widths: list[int], y: gs.Tensor, budget: int) -> None:
     """The dense bytes of every layer against ``budget``; the error names the largest layer."""
-    total = _dense_bytes(widths, y)
+    total = chain_bytes(widths, y)
     if total > budget:
-        per = [_dense_bytes(widths[i:i + 2], y) for i in range(len(widths) - 1)]
+        per = [chain_bytes(widths[i:i + 2], y) for i in range(len(widths) - 1)]
         k = int(np.argmax(per))
         name = f"layer {k + 1} of {len(per)} ({widths[k]} -> {widths[k + 1]} neurons)"
         raise BudgetExceededError(name, per[k], budget, total)
