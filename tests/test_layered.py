@@ -176,14 +176,14 @@ def build_dag(dag: Dag) -> onnx.ModelProto:
 placements = st.sampled_from(layered.PLACEMENTS)
 
 
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(dag=dags(), placement=placements, boxed=st.booleans())
 def test_random_dag_is_a_strict_chain(dag, placement, boxed):
     box = random_box(dag.n_in, dag.seed) if boxed else None
     check_layered(build_dag(dag), box, placement)
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(net=nets(), placement=placements, boxed=st.booleans())
 def test_random_cnn_is_a_strict_chain(net, placement, boxed):
     model = build_model(net)
