@@ -355,3 +355,24 @@ def test_corpus_model(name):
     check_chain(lowered)
     result = onnx_lower.validate(model, lowered, samples=2, seed=0)
     assert max(o.scaled_err for o in result.outputs) <= SCALED
+
+
+def test_bench_tool_measures_a_model(tmp_path):
+    """``tools/bench_layered.py``: the numbers of its table agree with ``lower()``'s report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_layered", Path(__file__).resolve().parents[1] / "tools" / "bench_layered.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path = tmp_path / "dag.onnx"
+    model = build_dag(Dag(2, (("relu", 0, 4), ("relu", 1, 3)), (0, 2), 4, 7))
+    onnx.save(model, path)
+    row = tool.measure(path, (0.0, 1.0), 1024)
+    _, report = onnx_lower.lower(model, form="layered")
+    notes = report.notes["layered"]
+    assert row["status"] == "lowers" and row["layers"] == len(notes["layers"])
+    assert row["carry"] == notes["carry_neurons"] and row["relu_layered"] == 7
+    assert row["relu_original"] == 7 and row["carry_box"] <= row["carry"]
+    assert row["layered_bytes"] == report.notes["emitted_weight_bytes"]
+    assert "| dag | lowers |" in tool.markdown([row])
