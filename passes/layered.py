@@ -213,7 +213,7 @@ class _Planner:
             for a, m in r.terms.items()
         }
 
-    def place(self, placement: str) -> LayerPlan:
+    def place(self, placement: str, search: bool = True) -> LayerPlan:
         atoms, readers = self.atoms, self.readers
         layer = [0] * len(atoms)
         for r in readers[:-1]:
@@ -229,7 +229,7 @@ class _Planner:
                     need[a] = min(need[a], e)
         reader_layer = [depth if r.atom is None else layer[r.atom] for r in readers]
         plan = LayerPlan(placement, layer, reader_layer, set())
-        self._search(plan)
+        self._search(plan, rounds=8 if search else 0)
         return plan
 
     def late(self, plan: LayerPlan) -> list[tuple[int, int]]:
@@ -259,7 +259,7 @@ class _Planner:
             cost += r.width + (0 if self.box else nbad)
         return cost
 
-    def _search(self, plan: LayerPlan) -> None:
+    def _search(self, plan: LayerPlan, rounds: int) -> None:
         late = self.late(plan)
         by_atom: dict[int, list[int]] = {}
         by_reader: dict[int, list[int]] = {}
@@ -271,7 +271,7 @@ class _Planner:
         moves = [[p] for p in late]
         moves += [[(c, a) for a in by_reader[c]] for c in by_reader]
         moves += [[(c, a) for c in by_atom[a]] for a in by_atom]
-        for _ in range(8):
+        for _ in range(rounds):
             improved = False
             for move in moves:
                 for target in (True, False):
@@ -304,10 +304,14 @@ class _Planner:
             (plan.partial.add if target else plan.partial.discard)(p)
 
 
-def plan_layers(atoms, readers, box: bool) -> list[LayerPlan]:
-    """A plan for every placement, fewest neurons first (ASAP first on a tie)."""
+def plan_layers(atoms, readers, box: bool, search: bool = True) -> list[LayerPlan]:
+    """A plan for every placement, fewest neurons first (ASAP first on a tie).
+
+    ``search=False`` carries every late atom itself (no partial sums): the baseline the
+    benchmark compares against.
+    """
     planner = _Planner(atoms, readers, box)
-    plans = [planner.place(p) for p in PLACEMENTS]
+    plans = [planner.place(p, search) for p in PLACEMENTS]
     return sorted(plans, key=lambda p: p.neurons)
 
 
@@ -479,9 +483,12 @@ class _Builder:
 # --- the pass ------------------------------------------------------------------------------
 
 
-def layer_chain(model: LoweringModel) -> tuple[list[_Layer], list[int], dict]:
+def layer_chain(
+    model: LoweringModel, *, search: bool = True
+) -> tuple[list[_Layer], list[int], dict]:
     """The layers (sparse float64) of the folded graph of ``model``, their widths (input
-    first) and the report's ``layered`` part; the graph is not changed."""
+    first) and the report's ``layered`` part; the graph is not changed. ``search``: see
+    :func:`plan_layers`."""
     graph = model.graph
     graph.toposort()
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
@@ -500,7 +507,7 @@ def layer_chain(model: LoweringModel) -> tuple[list[_Layer], list[int], dict]:
     if box is not None:
         box = _check_box(box, atoms[0].width)
         _bounds(atoms, readers, box)
-    plans = plan_layers(atoms, readers, box is not None)
+    plans = plan_layers(atoms, readers, box is not None, search)
     builder = _Builder(atoms, readers, plans[0], box is not None)
     layers = builder.build()
     notes = {
