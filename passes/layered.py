@@ -30,7 +30,9 @@ A carried value ``v`` costs, per layer:
   over Relu outputs is one);
 - else, with an input box ``lo ≤ x ≤ hi``, one neuron ``v = relu(v − L) + L`` with ``L`` a
   lower bound of ``v`` by interval arithmetic in float64, widened outward by a margin. The
-  output is then exact inside the box only, and the report says so;
+  output is then exact inside the box only, and the report says so. The carry rounds at the
+  scale of ``|L|``, and interval bounds of deep networks are loose: a row whose ``|L|`` exceeds
+  16 times its largest ``|v|`` at 8 probe points of the box takes two neurons instead;
 - else two neurons, ``v = relu(v) − relu(−v)``.
 
 **Output.** ``Flatten → (MatMul, Add, Relu) × (L − 1) → MatMul, Add → Reshape`` to the original
@@ -63,6 +65,13 @@ __all__ = ["LayerChainPass", "LayerPlan", "chain_bytes", "layer_chain", "plan_la
 PLACEMENTS = ("asap", "alap")
 #: Relative and absolute outward margin on an interval lower bound used by a box carry.
 _MARGIN_REL, _MARGIN_ABS = 1e-5, 1e-6
+#: A box carry ``relu(v − L) + L`` rounds at the scale of ``|L|``: it is used for a row only
+#: where ``|L|`` is at most this many times the row's scale (its largest ``|v|`` over
+#: :data:`_PROBES` points of the box, at least 1e-3 of the largest row's). Interval bounds of
+#: deep networks are loose, and a loose ``L`` would cost float32 precision; such rows take two
+#: neurons.
+_BOX_RATIO = 16.0
+_PROBES = 8
 
 Term = sp.csr_matrix | np.ndarray
 
@@ -165,13 +174,13 @@ def _bounds(atoms: list[_Atom], readers: list[_Reader], box) -> None:
     lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in box)
     atoms[0].lo, atoms[0].hi = lo, hi
     for r in readers[:-1]:
-        zlo, zhi = _interval(r.terms, atoms, r.bias)
+        zlo, zhi = _interval(r.terms, atoms, r.width, r.bias)
         atoms[r.atom].lo, atoms[r.atom].hi = np.maximum(zlo, 0), np.maximum(zhi, 0)
 
 
-def _interval(terms: dict[int, Term], atoms: list[_Atom], bias: np.ndarray | None = None):
-    lo = np.zeros(next(iter(terms.values())).shape[0]) if terms else np.zeros(0)
-    hi = lo.copy()
+def _interval(terms: dict[int, Term], atoms: list[_Atom], width: int, bias=None):
+    """Bounds of ``Σ M_a·a (+ bias)`` over the atoms' bounds: ``M⁺·lo + M⁻·hi`` and back."""
+    lo, hi = np.zeros(width), np.zeros(width)
     for a, m in terms.items():
         pos, neg = _split(m)
         lo = lo + pos @ atoms[a].lo + neg @ atoms[a].hi
@@ -212,6 +221,43 @@ class _Planner:
             for c, r in enumerate(readers)
             for a, m in r.terms.items()
         }
+        if box:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Per term ``M·a``: its interval lower bound, magnitude bound, and values at probes."""
+        atoms, readers = self.atoms, self.readers
+        x = atoms[0]
+        rng = np.random.default_rng(0)
+        u = np.concatenate([np.full((x.width, 1), 0.5), rng.uniform(size=(x.width, _PROBES - 1))],
+                           axis=1)
+        values = {0: x.lo[:, None] + (x.hi - x.lo)[:, None] * u}
+        for r in readers[:-1]:
+            z = sum(np.asarray(m @ values[a]) for a, m in r.terms.items()) + r.bias[:, None]
+            values[r.atom] = np.maximum(z, 0)
+        self.term_lo, self.term_mag, self.term_val = {}, {}, {}
+        for c, r in enumerate(readers):
+            for a, m in r.terms.items():
+                pos, neg = _split(m)
+                self.term_lo[(c, a)] = pos @ atoms[a].lo + neg @ atoms[a].hi
+                self.term_mag[(c, a)] = abs(m) @ np.maximum(np.abs(atoms[a].lo),
+                                                            np.abs(atoms[a].hi))
+                self.term_val[(c, a)] = np.asarray(m @ values[a])
+        self.x_val = values[0]
+
+    def box_rows(self, c: int | None, members) -> tuple[np.ndarray, np.ndarray]:
+        """``(usable, L)`` per row of reader ``c``'s partial sum over ``members`` (``c`` None:
+        the input ``x``): where a box carry keeps precision, and its lower bound."""
+        if c is None:
+            lo, mag, val = self.atoms[0].lo, np.abs(self.atoms[0].lo), self.x_val
+        else:
+            lo = sum(self.term_lo[(c, a)] for a in members)
+            mag = sum(self.term_mag[(c, a)] for a in members)
+            val = sum(self.term_val[(c, a)] for a in members)
+        low = lo - (_MARGIN_REL * (np.abs(lo) + mag) + _MARGIN_ABS)
+        scale = np.abs(val).max(axis=1)
+        scale = np.maximum(scale, 1e-3 * scale.max(initial=0.0))
+        return np.abs(low) <= _BOX_RATIO * scale, low
 
     def place(self, placement: str, search: bool = True) -> LayerPlan:
         atoms, readers = self.atoms, self.readers
@@ -236,13 +282,19 @@ class _Planner:
         return [(c, a) for c, r in enumerate(self.readers) for a in r.terms
                 if plan.layer[a] < plan.reader_layer[c] - 1]
 
-    def atom_factor(self, a: int) -> int:
-        return 1 if self.atoms[a].nonneg or self.box else 2
+    def atom_neurons(self, a: int) -> int:
+        """Neurons per layer of carrying atom ``a`` itself."""
+        atom = self.atoms[a]
+        if atom.nonneg:
+            return atom.width
+        if self.box:
+            return atom.width + int((~self.box_rows(None, ())[0]).sum())
+        return 2 * atom.width
 
     def atom_cost(self, plan: LayerPlan, a: int, pairs_of_atom) -> int:
         ends = [plan.reader_layer[c] for c in pairs_of_atom[a] if (c, a) not in plan.partial]
         span = max(ends, default=0) - 1 - plan.layer[a]
-        return max(span, 0) * self.atoms[a].width * self.atom_factor(a)
+        return max(span, 0) * self.atom_neurons(a)
 
     def reader_cost(self, plan: LayerPlan, c: int, pairs_of_reader) -> int:
         mine = sorted((plan.layer[a], a) for a in pairs_of_reader[c] if (c, a) in plan.partial)
@@ -255,8 +307,11 @@ class _Planner:
             while k < len(mine) and mine[k][0] <= ell - 1:
                 bad |= self.bad[(c, mine[k][1])]
                 k += 1
-            nbad = int(bad.sum())
-            cost += r.width + (0 if self.box else nbad)
+            two = bad
+            if self.box and bad.any():
+                usable, _ = self.box_rows(c, [a for _, a in mine[:k]])
+                two = bad & ~usable
+            cost += r.width + int(two.sum())
         return cost
 
     def _search(self, plan: LayerPlan, rounds: int) -> None:
@@ -304,15 +359,15 @@ class _Planner:
             (plan.partial.add if target else plan.partial.discard)(p)
 
 
-def plan_layers(atoms, readers, box: bool, search: bool = True) -> list[LayerPlan]:
-    """A plan for every placement, fewest neurons first (ASAP first on a tie).
+def plan_layers(atoms, readers, box: bool, search: bool = True):
+    """The planner and a plan for every placement, fewest neurons first (ASAP on a tie).
 
     ``search=False`` carries every late atom itself (no partial sums): the baseline the
     benchmark compares against.
     """
     planner = _Planner(atoms, readers, box)
     plans = [planner.place(p, search) for p in PLACEMENTS]
-    return sorted(plans, key=lambda p: p.neurons)
+    return planner, sorted(plans, key=lambda p: p.neurons)
 
 
 # --- building the layers -------------------------------------------------------------------
@@ -358,13 +413,14 @@ class _Layer:
 class _Builder:
     """The layers of one plan, block by block, in float64."""
 
-    def __init__(self, atoms, readers, plan: LayerPlan, box: bool):
-        self.atoms, self.readers, self.plan, self.box = atoms, readers, plan, box
+    def __init__(self, planner: _Planner, plan: LayerPlan):
+        self.planner, self.plan, self.box = planner, plan, planner.box
+        self.atoms, self.readers = planner.atoms, planner.readers
         self.depth = plan.reader_layer[-1]
         self.slots: dict[tuple, _Slot] = {}  # (("atom", a) | ("sum", c), ℓ) -> slot in h_ℓ
         self.layers: list[_Layer] = []
         self.box_used = False
-        n0 = atoms[0].width
+        n0 = self.atoms[0].width
         self.slots[(("atom", 0), 0)] = _Slot(np.arange(n0), np.full(n0, -1), np.zeros(n0))
         self.widths = [n0]
 
@@ -393,12 +449,13 @@ class _Builder:
                 for a in sorted(carry_until):
                     if plan.layer[a] < ell <= carry_until[a]:
                         m, b = self._read(("atom", a), ell - 1, prev)
-                        self._carry(layer, ("atom", a), ell, m, b, self._atom_bad(a), a)
+                        self._carry(layer, ("atom", a), ell, m, b, self._atom_bad(a), None, ())
                 for c in sorted(sums):
                     start = min(plan.layer[a] for a in sums[c]) + 1
                     if start <= ell < plan.reader_layer[c]:
                         m, b, bad = self._sum_pre(c, sums[c], ell, prev)
-                        self._carry(layer, ("sum", c), ell, m, b, bad, None, sums[c])
+                        members = [a for a in sums[c] if plan.layer[a] <= ell - 1]
+                        self._carry(layer, ("sum", c), ell, m, b, bad, c, members)
             self.layers.append(layer)
             self.widths.append(layer.width)
         return self.layers
@@ -448,36 +505,27 @@ class _Builder:
             pre, bias = pre + sel, bias + shift
         return pre.tocsr(), bias, bad
 
-    def _carry(self, layer: _Layer, key, ell: int, m, b, bad, atom=None, members=None):
-        """Carry the value ``m·h_{ℓ-1} + b`` into ``h_ℓ`` (one or two neurons per row)."""
+    def _carry(self, layer: _Layer, key, ell: int, m, b, bad, reader, members):
+        """Carry the value ``m·h_{ℓ-1} + b`` into ``h_ℓ``: one neuron per row proven ≥ 0 or
+        bounded by the box (:meth:`_Planner.box_rows`), two per other row."""
         w = m.shape[0]
         shift = np.zeros(w)
+        two = bad
         if self.box and bad.any():
-            lo = self._lower_bound(key, ell, atom, members)
-            shift[bad] = lo[bad]
-            self.box_used = True
+            usable, low = self.planner.box_rows(reader, members)
+            boxed = bad & usable
+            shift[boxed] = low[boxed]
+            two = bad & ~usable
+            layer.carry_box += int(boxed.sum())
+            self.box_used |= bool(boxed.any())
         pos = layer.add(m, b - shift, None)
-        nbad = int(bad.sum())
-        layer.carry_one += w - nbad
+        layer.carry_one += w - int(bad.sum())
         neg = np.full(w, -1)
-        if self.box:
-            layer.carry_box += nbad
-        elif nbad:
-            rows = np.flatnonzero(bad)
+        if two.any():
+            rows = np.flatnonzero(two)
             neg[rows] = layer.add(-m[rows], -b[rows], None)
-            layer.carry_two += 2 * nbad
+            layer.carry_two += 2 * rows.size
         self.slots[(key, ell)] = _Slot(pos, neg, shift)
-
-    def _lower_bound(self, key, ell: int, atom, members) -> np.ndarray:
-        if atom is not None:
-            lo, mag = self.atoms[atom].lo, np.abs(self.atoms[atom].lo)
-        else:
-            r = self.readers[key[1]]
-            terms = {a: r.terms[a] for a in members if self.plan.layer[a] <= ell - 1}
-            lo, _ = _interval(terms, self.atoms)
-            mag = sum(abs(m) @ np.maximum(np.abs(self.atoms[a].lo), np.abs(self.atoms[a].hi))
-                      for a, m in terms.items())
-        return lo - (_MARGIN_REL * (np.abs(lo) + mag) + _MARGIN_ABS)
 
 
 # --- the pass ------------------------------------------------------------------------------
@@ -507,8 +555,8 @@ def layer_chain(
     if box is not None:
         box = _check_box(box, atoms[0].width)
         _bounds(atoms, readers, box)
-    plans = plan_layers(atoms, readers, box is not None, search)
-    builder = _Builder(atoms, readers, plans[0], box is not None)
+    planner, plans = plan_layers(atoms, readers, box is not None, search)
+    builder = _Builder(planner, plans[0])
     layers = builder.build()
     notes = {
         "placement": plans[0].placement,
