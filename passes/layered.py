@@ -413,8 +413,9 @@ class _Layer:
 class _Builder:
     """The layers of one plan, block by block, in float64."""
 
-    def __init__(self, planner: _Planner, plan: LayerPlan):
-        self.planner, self.plan, self.box = planner, plan, planner.box
+    def __init__(self, planner: _Planner, plan: LayerPlan, dry: bool = False):
+        """``dry``: skip every product (zero blocks of the right shapes), for the widths."""
+        self.planner, self.plan, self.box, self.dry = planner, plan, planner.box, dry
         self.atoms, self.readers = planner.atoms, planner.readers
         self.depth = plan.reader_layer[-1]
         self.slots: dict[tuple, _Slot] = {}  # (("atom", a) | ("sum", c), ℓ) -> slot in h_ℓ
@@ -479,10 +480,12 @@ class _Builder:
             if (c, a) in plan.partial and plan.layer[a] < ell - 1:
                 partial = True
                 continue
+            if self.dry:
+                continue
             sel, shift = self._read(("atom", a), ell - 1, n)
             pre = pre + sp.csr_matrix(m @ sel)
             bias += m @ shift
-        if partial:
+        if partial and not self.dry:
             sel, shift = self._read(("sum", c), ell - 1, n)
             pre, bias = pre + sel, bias + shift
         return pre.tocsr(), bias
@@ -496,11 +499,11 @@ class _Builder:
         for a in members:
             if plan.layer[a] <= ell - 1:
                 bad |= _bad_rows(r.terms[a], self.atoms[a])
-            if plan.layer[a] == ell - 1:
+            if plan.layer[a] == ell - 1 and not self.dry:
                 sel, shift = self._read(("atom", a), ell - 1, n)
                 pre = pre + sp.csr_matrix(r.terms[a] @ sel)
                 bias += r.terms[a] @ shift
-        if (("sum", c), ell - 1) in self.slots:
+        if (("sum", c), ell - 1) in self.slots and not self.dry:
             sel, shift = self._read(("sum", c), ell - 1, n)
             pre, bias = pre + sel, bias + shift
         return pre.tocsr(), bias, bad
@@ -532,11 +535,12 @@ class _Builder:
 
 
 def layer_chain(
-    model: LoweringModel, *, search: bool = True
+    model: LoweringModel, *, search: bool = True, budget: int | None = None
 ) -> tuple[list[_Layer], list[int], dict]:
     """The layers (sparse float64) of the folded graph of ``model``, their widths (input
     first) and the report's ``layered`` part; the graph is not changed. ``search``: see
-    :func:`plan_layers`."""
+    :func:`plan_layers`. With ``budget`` (bytes), the widths are checked against it before
+    any product is computed (:class:`~onnx_lower.errors.BudgetExceededError`)."""
     graph = model.graph
     graph.toposort()
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
@@ -556,6 +560,10 @@ def layer_chain(
         box = _check_box(box, atoms[0].width)
         _bounds(atoms, readers, box)
     planner, plans = plan_layers(atoms, readers, box is not None, search)
+    if budget is not None:
+        dry = _Builder(planner, plans[0], dry=True)
+        dry.build()
+        _check_budget(dry.widths, y, budget)
     builder = _Builder(planner, plans[0])
     layers = builder.build()
     notes = {
@@ -582,9 +590,10 @@ class LayerChainPass(Pass):
 
     def run(self, model: LoweringModel) -> PassResult:
         graph = model.graph
-        layers, widths, notes = layer_chain(model)  # checks one input and one output
+        budget = model.options.max_weight_bytes
+        layers, widths, notes = layer_chain(model, budget=budget)  # one input and one output
         x, y = graph.inputs[0], graph.outputs[0]
-        _check_budget(widths, y, model.options.max_weight_bytes)
+        assert chain_bytes(widths, y) <= budget
         self._emit(graph, x, y, layers, widths)
         model.notes["emitted_weight_bytes"] = chain_bytes(widths, y)
         model.notes["emitted_matmuls"] = len(layers)
