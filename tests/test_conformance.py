@@ -149,7 +149,8 @@ def test_verdict_flags_stale_skips():
 
 def test_markdown_table_totals():
     text = conf.markdown_table([("Conv", "mlp", "pass"), ("Conv", "im2col", "skip"),
-                                ("Relu", "mlp", "fail"), ("Relu", "im2col", "pass")])
+                                ("Relu", "mlp", "fail"), ("Relu", "im2col", "pass")],
+                               forms=("mlp", "im2col"))
     assert "| Conv | 1 | 1 / 0 / 0 | 0 / 1 / 0 |" in text
     assert "| **total** | **2** | **1 / 0 / 1** | **1 / 1 / 0** |" in text
 
