@@ -20,6 +20,7 @@ import gc
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 
 from . import cost, gates
@@ -48,15 +49,26 @@ def lower(
     dump_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
     ort_check: bool = True,
+    input_box: tuple[np.ndarray, np.ndarray] | None = None,
+    drop_final_softmax: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
 
     The input gate (:mod:`onnx_lower.gates`) runs first: the full ONNX checker and, unless
-    ``ort_check`` is False, an onnxruntime load. Raises a
-    :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
+    ``ort_check`` is False, an onnxruntime load.
+
+    ``input_box`` (``(lo, hi)`` per input element, C order, one sample; or scalars) lets the
+    layered form carry signed values in one neuron; its output is then exact inside the box.
+    ``drop_final_softmax`` lets the layered form drop a Softmax computing the output.
+
+    Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if drop_final_softmax and (form != "layered" or passes):
+        raise LoweringError(
+            "--drop-final-softmax applies to --form layered only (the other forms keep a Softmax)"
+        )
     start = time.perf_counter()
     source = _Source(model)
     gate_s = _input_gate(source, ort_check)
@@ -69,6 +81,8 @@ def lower(
         verify_each=verify_each,
         dump_dir=dump_dir,
         progress=progress,
+        input_box=input_box,
+        drop_final_softmax=drop_final_softmax,
     )
     regions: list[RegionReport] = []
     if passes:

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", help="where to write the lowered model")
     p.add_argument("--form", choices=FORMS, default="auto", help="target form (default: auto)")
     p.add_argument("--passes", help="comma-separated pass names to run instead of a form")
+    p.add_argument(
+        "--drop-final-softmax",
+        action="store_true",
+        help="layered form: drop a Softmax that computes the output (the argmax is kept)",
+    )
     p.add_argument("--list-passes", action="store_true", help="list the registered passes")
     p.add_argument(
         "--max-weight-mb",
@@ -76,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="value for a dynamic batch dimension")
     g.add_argument("--samples", type=int, default=4, help="random input sets to validate on")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    g.add_argument("--input-range", default="0,1", metavar="LO,HI", help="random input range")
+    g.add_argument(
+        "--input-range",
+        metavar="LO,HI",
+        help="random input range (default 0,1); given explicitly, also the input box of the "
+        "layered form (its output is then exact inside the box)",
+    )
     g.add_argument("--inputs", nargs="+", metavar="FILE", help=".npy/.npz/.pb input files")
     g.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     g.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
@@ -131,7 +141,9 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_output(args)
     if args.dry_run:
         return _dry_run(args)
-    input_range = _range(args.input_range)  # before any work: a typo must not leave an output
+    # before any work: a typo must not leave an output
+    box = _range(args.input_range) if args.input_range is not None else None
+    input_range = box or (0.0, 1.0)
     given_inputs = None
     validating = not args.no_validate
     if validating and args.inputs:
@@ -150,6 +162,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         dump_dir=args.dump_after,
         progress=progress,
         ort_check=not args.no_ort_check,
+        input_box=box,
+        drop_final_softmax=args.drop_final_softmax,
     )
     progress.done()
     start = time.perf_counter()
@@ -164,7 +178,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _output_gate(args, staged)
         report.timings["output_gate_s"] = time.perf_counter() - start
         if validating:
-            _validate(args, report, staged.file, given_inputs, input_range, progress)
+            _validate(args, report, staged.file, given_inputs, input_range, box, progress)
         staged.commit(check=False)  # a mismatch is still written, for inspection
     finally:
         staged.discard()
@@ -212,8 +226,11 @@ def _output_gate(args: argparse.Namespace, staged) -> None:
         raise
 
 
-def _validate(args, report, lowered: Path, given_inputs, input_range, progress) -> None:
-    """Compare the staged output with the input in onnxruntime; ``timings.validate_s``."""
+def _validate(args, report, lowered: Path, given_inputs, input_range, box, progress) -> None:
+    """Compare the staged output with the input in onnxruntime; ``timings.validate_s``.
+
+    The layered form's output is exact inside its input box only: it is sampled there.
+    """
     from .validate import validate
 
     progress.step("validate")
@@ -228,6 +245,7 @@ def _validate(args, report, lowered: Path, given_inputs, input_range, progress) 
         rtol=args.rtol,
         atol=args.atol,
         batch=args.batch,
+        input_box=box if args.form == "layered" else None,
     )
     report.timings["validate_s"] = time.perf_counter() - start
     progress.done()
@@ -240,7 +258,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     from .api import plan
     from .errors import BudgetExceededError
 
-    if args.form in ("im2col", "fold-only") or args.passes:
+    if args.form in ("im2col", "fold-only", "layered") or args.passes:
         raise LoweringError("--dry-run plans the auto and mlp forms; use --form auto or mlp")
     result = plan(args.input, max_weight_mb=args.max_weight_mb, per_region=args.form == "auto")
     if args.report:

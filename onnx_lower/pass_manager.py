@@ -59,6 +59,10 @@ class Options:
     verify_each: bool = False
     dump_dir: str | None = None
     progress: Callable[[str], None] | None = None
+    #: ``(lo, hi)`` per input element (C order, one sample): the layered form's input box.
+    input_box: tuple[np.ndarray, np.ndarray] | None = None
+    #: The layered form drops a Softmax that computes the graph output (argmax preserved).
+    drop_final_softmax: bool = False
 
 
 @dataclasses.dataclass

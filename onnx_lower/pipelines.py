@@ -2,6 +2,8 @@
 
 =========  ==================================================================================
 mlp        canonicalise, lower every op to Affine/Relu, fold, emit MatMul/Add, flatten regions
+layered    the mlp lowering up to fold-linear, then ``layer-chain``: a strict
+           (MatMul, Add, Relu)* chain with carries, no skips (:mod:`onnx_lower.passes.layered`)
 im2col     canonicalise, rewrite conv/pool as Gather + MatMul on channels-last activations
 fold-only  canonicalise, turn the dense linear ops (Gemm, MatMul, BN, ...) into Affine, fold,
            emit; Conv and pools stay as they are
@@ -45,6 +47,18 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "flatten-regions",
         *_FINISH,
     ),
+    "layered": (
+        *CANONICALIZE,
+        "sink-activation-below-maxpool",
+        "lower-conv",
+        "lower-pool",
+        "lower-linear",
+        "lower-activations",
+        "check-mlp",
+        "fold-linear",
+        "layer-chain",
+        *_FINISH,
+    ),
     "im2col": (*CANONICALIZE, "lower-im2col", *_FINISH),
     "fold-only": (
         *CANONICALIZE,
@@ -55,7 +69,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         *_FINISH,
     ),
 }
-FORMS = ("auto", "mlp", "im2col", "fold-only")
+FORMS = ("auto", "mlp", "layered", "im2col", "fold-only")
 
 
 def load_passes() -> None:

@@ -107,6 +107,7 @@ class Report:
             ],
             "fold": self.notes.get("fold_summary"),
             "kept_ops": self.kept_ops(),
+            "layered": self.notes.get("layered"),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "validation": self.validation.to_dict() if self.validation else None,
             "latency": self.latency.to_dict() if self.latency else None,
@@ -166,12 +167,28 @@ class Report:
         if kept:
             listed = ", ".join(f"{k}×{v}" for k, v in kept.items())
             lines.append(f"kept (not MatMul/Add/Relu): {listed}")
+        lines.extend(_layered_lines(self.notes.get("layered")))
         total = sum(r.seconds for r in self.passes)
         lines.append(f"passes: {len(self.passes)} runs, {total:.3f} s")
         records = self.passes if verbose else sorted(self.passes, key=lambda r: -r.seconds)[:5]
         for r in records:
             lines.append(f"  {r.name:<20} {r.seconds * 1000:>9.1f} ms  nodes {r.node_delta:+d}")
         return lines
+
+
+def _layered_lines(layered: dict | None) -> list[str]:
+    """The layered form's chain: widths, ReLU and carry neurons, and where it is exact."""
+    if not layered:
+        return []
+    widths = " -> ".join(str(la["width"]) for la in layered["layers"])
+    lines = [
+        f"layered: {len(layered['layers'])} layers ({widths}), "
+        f"{layered['relu_neurons']} ReLU + {layered['carry_neurons']} carry neurons "
+        f"({layered['placement']} placement); exact {layered['exact']}"
+    ]
+    if layered.get("dropped_softmax"):
+        lines.append(f"  dropped the final Softmax '{layered['dropped_softmax']}' (argmax kept)")
+    return lines
 
 
 def _mb(n: int) -> str:

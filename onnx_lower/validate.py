@@ -209,12 +209,15 @@ def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
 
 def random_inputs(model: ModelLike, *, seed: int = 0,
                   input_range: tuple[float, float] = (0.0, 1.0), batch: int = 1,
-                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                  rng: np.random.Generator | None = None,
+                  input_box: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """One random feed for ``model``: floats uniform in ``input_range``, ints in it (inclusive).
 
     Dynamic axis 0 is set to ``batch``; any other dynamic axis raises :class:`LoweringError`.
     ``rng`` (if given) is drawn from instead of ``np.random.default_rng(seed)``, so successive
     calls give independent samples; sample 0 of :func:`validate` equals ``random_inputs(seed=s)``.
+    ``input_box`` (``(lo, hi)`` per element of one sample, C order, or scalars) replaces
+    ``input_range`` for a model with one float input: each element is uniform in its own box.
     """
     proto = load_proto(model)
     lo, hi = float(input_range[0]), float(input_range[1])
@@ -224,7 +227,25 @@ def random_inputs(model: ModelLike, *, seed: int = 0,
         rng = np.random.default_rng(seed)
     specs = graph_inputs(proto)
     shapes = {s.name: _concrete_shape(s, batch) for s in specs}  # validate all before drawing
+    if input_box is not None:
+        return _box_inputs(rng, specs, shapes, input_box)
     return {s.name: _random_array(rng, shapes[s.name], s.dtype, lo, hi, s.name) for s in specs}
+
+
+def _box_inputs(rng: np.random.Generator, specs: list[InputSpec], shapes: dict,
+                box: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    if len(specs) != 1 or specs[0].dtype.kind != "f":
+        raise LoweringError("an input box applies to a model with exactly one float input")
+    spec, shape = specs[0], shapes[specs[0].name]
+    sample = math.prod(shape[1:])
+    lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in box)
+    if lo.size not in (1, sample) or hi.size not in (1, sample) or np.any(lo > hi):
+        raise LoweringError(
+            f"the input box ({lo.size} and {hi.size} bounds) does not fit input '{spec.name}' "
+            f"({sample} elements per sample), or has lo > hi")
+    u = rng.uniform(0.0, 1.0, size=(shape[0], sample))
+    x = lo + (hi - lo) * u
+    return {spec.name: x.astype(spec.dtype).reshape(shape)}
 
 
 def _natural_key(p: Path) -> list[Any]:
@@ -593,11 +614,13 @@ def _run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], label: str,
 
 def validate(original: ModelLike, lowered: ModelLike, *, inputs: InputsLike | None = None,
              samples: int = 4, seed: int = 0, input_range: tuple[float, float] = (0.0, 1.0),
-             rtol: float = 1e-4, atol: float = 1e-5, batch: int = 1) -> ValidationReport:
+             rtol: float = 1e-4, atol: float = 1e-5, batch: int = 1,
+             input_box: tuple[np.ndarray, np.ndarray] | None = None) -> ValidationReport:
     """Run ``original`` and ``lowered`` on the same inputs and compare every output by name.
 
     ``inputs``: None for ``samples`` random input sets (``seed``, ``input_range``, ``batch`` for
-    dynamic axis 0); a dict (one sample, used as given); a list of dicts; or file paths (see
+    dynamic axis 0; ``input_box`` to sample inside a per-element box, see
+    :func:`random_inputs`); a dict (one sample, used as given); a list of dicts; or file paths (see
     :func:`load_inputs`). Returns a :class:`ValidationReport`; raises :class:`LoweringError` for
     unusable models or inputs, not for numerical mismatches.
     """
@@ -608,8 +631,11 @@ def validate(original: ModelLike, lowered: ModelLike, *, inputs: InputsLike | No
         if samples < 1:
             raise LoweringError(f"samples must be >= 1 (got {samples})")
         rng = np.random.default_rng(seed)
-        feeds = [random_inputs(orig_proto, input_range=input_range, batch=batch, rng=rng)
+        feeds = [random_inputs(orig_proto, input_range=input_range, batch=batch, rng=rng,
+                               input_box=input_box)
                  for _ in range(samples)]
+        if input_box is not None:
+            input_range = (float(np.min(input_box[0])), float(np.max(input_box[1])))
         source = "random"
     else:
         feeds = resolve_inputs(inputs, orig_proto)

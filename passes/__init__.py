@@ -10,9 +10,12 @@ fold           cost-aware folding of Affine chains
 emit           Affine → MatMul/Add on flat vectors; Reshape/Flatten round trips removed
 im2col/        conv/pool → Gather + MatMul on channels-last activations (a package: layout,
                conv, grouped, pools, elementwise, cost, fold, lowering)
+layered        the folded Affine/Relu DAG → a strict (MatMul, Add, Relu)* chain
 =============  ==========================================================================
 """
 
-from . import activations, canonicalize, conv, emit, fold, im2col, linear, pool
+from . import activations, canonicalize, conv, emit, fold, im2col, layered, linear, pool
 
-__all__ = ["activations", "canonicalize", "conv", "emit", "fold", "im2col", "linear", "pool"]
+__all__ = [
+    "activations", "canonicalize", "conv", "emit", "fold", "im2col", "layered", "linear", "pool",
+]

@@ -45,18 +45,37 @@ conf = _load_tool()
 #: 32^3 dilated AveragePools as dense matrices (1.2-1.6 s), all in the mlp form. They run with
 #: ``-m slow``; the rest of the file takes ~60 s.
 SLOW_CASES = frozenset({
-    *((f"test_maxpool_2d_{c}", "mlp")
-      for c in ("same_upper", "same_lower", "default", "strides", "pads")),
-    *((f"test_averagepool_3d_dilations_large_count_include_pad_is_{p}_ceil_mode_is_{c}", "mlp")
-      for p in (0, 1) for c in ("False", "True")),
+    *((f"test_maxpool_2d_{c}", form)
+      for c in ("same_upper", "same_lower", "default", "strides", "pads")
+      for form in ("mlp", "layered")),
+    *((f"test_averagepool_3d_dilations_large_count_include_pad_is_{p}_ceil_mode_is_{c}", form)
+      for p in (0, 1) for c in ("False", "True") for form in ("mlp", "layered")),
 })
+
+
+#: The layered column re-runs the mlp lowering plus ``layer-chain`` (~0.3 s a case): the default
+#: profile runs these, one family each; every other layered case runs with ``-m slow``
+#: (``python tools/conformance.py --form layered`` runs them all).
+LAYERED_DEFAULT = frozenset({
+    "test_basic_conv_without_padding", "test_convtranspose_1d", "test_maxpool_1d_default",
+    "test_maxpool_2d_precomputed_strides", "test_averagepool_1d_default", "test_globalmaxpool",
+    "test_batchnorm_example", "test_gemm_default_vector_bias", "test_leakyrelu",
+    "test_clip_default_min", "test_relu", "test_abs", "test_max_one_input",
+    "test_softmax_example",
+})
+
+
+def _slow(case, form: str) -> bool:
+    if form == "layered" and case.name not in LAYERED_DEFAULT:
+        return True
+    return (case.name, form) in SLOW_CASES
 
 
 def _params():
     params = []
     for case in conf.all_cases():
         for form in conf.FORMS:
-            marks = [pytest.mark.slow] if (case.name, form) in SLOW_CASES else []
+            marks = [pytest.mark.slow] if _slow(case, form) else []
             params.append(pytest.param(case.name, form, marks=marks,
                                        id=f"{case.name.removeprefix('test_')}-{form}"))
     return params
@@ -102,6 +121,7 @@ def test_collection_is_cached():
 def test_slow_cases_exist():
     for name, form in SLOW_CASES:
         assert name in _BY_NAME and form in conf.FORMS, (name, form)
+    assert LAYERED_DEFAULT <= set(_BY_NAME), LAYERED_DEFAULT - set(_BY_NAME)
 
 
 def test_prepare_keeps_data_inputs_and_freezes_parameters():
@@ -131,7 +151,8 @@ def test_verdict_flags_stale_skips():
 
 def test_markdown_table_totals():
     text = conf.markdown_table([("Conv", "mlp", "pass"), ("Conv", "im2col", "skip"),
-                                ("Relu", "mlp", "fail"), ("Relu", "im2col", "pass")])
+                                ("Relu", "mlp", "fail"), ("Relu", "im2col", "pass")],
+                               forms=("mlp", "im2col"))
     assert "| Conv | 1 | 1 / 0 / 0 | 0 / 1 / 0 |" in text
     assert "| **total** | **2** | **1 / 0 / 1** | **1 / 1 / 0** |" in text
 

@@ -34,6 +34,7 @@ TOP_KEYS = {
     "passes",
     "fold",
     "kept_ops",
+    "layered",
     "timings",
     "validation",
     "latency",
@@ -42,6 +43,9 @@ OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes", "ort_check"}
 STATS_KEYS = {
     "ops", "nodes", "weight_bytes", "macs", "relu_neurons", "max_neurons", "piecewise_neurons",
 }
+LAYERED_KEYS = {"placement", "neurons", "layers", "relu_neurons", "carry_neurons", "exact",
+                "input_box", "dropped_softmax"}
+LAYER_KEYS = {"width", "relu", "carry_one", "carry_two", "carry_box"}
 PASS_KEYS = {
     "name",
     "seconds",
@@ -241,7 +245,7 @@ def test_optional_parts_are_null(tmp_path):
                    "--no-validate", "-q")
     assert set(r) == TOP_KEYS
     assert r["validation"] is None and r["latency"] is None
-    assert r["fold"] is None and r["kept_ops"] == {}
+    assert r["fold"] is None and r["kept_ops"] == {} and r["layered"] is None
     assert r["form_used"] == "custom"
     assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
     assert set(r["timings"]) == TIMING_KEYS - {"validate_s"}
@@ -285,3 +289,23 @@ def test_regions_only_under_auto(full_report, tmp_path):
     assert region["form"] == r["form_used"] == "mlp" and region["reason"] == r["form_reason"]
     assert region["inputs"] and region["outputs"] and is_int(region["nodes"])
     assert is_int(region["macs"]) and is_int(region["weight_bytes"])
+
+
+def test_layered_part(tmp_path):
+    """``layered`` (1.2): the chain's layers and neuron counts, and where the output is exact."""
+    r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--form", "layered", "--input-range",
+                   "0,1", "-q")
+    assert set(r) == TOP_KEYS and r["form_used"] == "layered"
+    lay = r["layered"]
+    assert set(lay) == LAYERED_KEYS
+    assert lay["placement"] in lay["neurons"] and lay["input_box"] is True
+    assert lay["exact"] in ("everywhere", "inside the input box")
+    assert lay["dropped_softmax"] is None
+    for layer in lay["layers"]:
+        assert set(layer) == LAYER_KEYS and all(is_int(v) for v in layer.values())
+        assert layer["width"] == sum(layer[k] for k in LAYER_KEYS - {"width"}) or (
+            layer is lay["layers"][-1])
+    assert lay["relu_neurons"] == sum(la["relu"] for la in lay["layers"])
+    assert lay["carry_neurons"] == sum(
+        la["carry_one"] + la["carry_two"] + la["carry_box"] for la in lay["layers"])
+    assert r["after"]["ops"]["MatMul"] == len(lay["layers"])

@@ -83,8 +83,12 @@ OPS = (
     "Sigmoid", "Tanh", "Softmax", "Elu", "Selu", "Exp", "Identity", "Dropout", "Gather",
 )
 #: Every form is expected to handle every op of :data:`OPS`: mlp lowers or keeps it, im2col
-#: rewrites conv/pool/BN and keeps the rest unchanged.
-FORMS = ("mlp", "im2col")
+#: rewrites conv/pool/BN and keeps the rest unchanged. layered must pass every case mlp passes
+#: that has one activation input, one output and no kept op (:func:`skip_reason`).
+FORMS = ("mlp", "layered", "im2col")
+#: The strict chain of the layered form, hidden layers repeated.
+LAYERED_HEAD, LAYERED_HIDDEN, LAYERED_TAIL = ("Flatten",), ("MatMul", "Add", "Relu"), (
+    "MatMul", "Add", "Reshape")
 #: Ops whose further inputs are data like the first one when they have its shape.
 DATA_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Concat"})
 
@@ -165,8 +169,34 @@ SKIP: dict[str | tuple[str, str], str] = {
 
 
 def skip_reason(name: str, form: str) -> str | None:
-    """The SKIP reason of ``name`` in ``form``, or None."""
+    """The SKIP reason of ``name`` in ``form``, or None.
+
+    The layered form inherits the mlp form's reasons, and by rule skips the cases a strict
+    chain cannot hold: a kept op (no MatMul/Add/Relu form), or several activation inputs or
+    outputs (a .nnet holds one of each).
+    """
+    if form == "layered":
+        return SKIP.get((name, form)) or skip_reason(name, "mlp") or _layered_rule(name)
     return SKIP.get((name, form)) or SKIP.get(name)
+
+
+def _layered_rule(name: str) -> str | None:
+    from onnx_lower.passes.activations import KEPT_ELEMENTWISE
+
+    case = next((c for c in all_cases() if c.name == name), None)
+    if case is None:
+        return None
+    op = case_op(case)
+    if op in KEPT_ELEMENTWISE:
+        return f"{op} is kept by the mlp form: a strict ReLU chain has no form for it (refused)"
+    try:
+        model, _, _ = prepare(case)
+    except ValueError:
+        return None
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        return (f"{len(model.graph.input)} activation inputs and {len(model.graph.output)} "
+                "outputs: the layered form takes one of each (refused)")
+    return None
 
 
 # --------------------------------------------------------------------------- the cases
@@ -390,6 +420,11 @@ def op_violations(lowered: onnx.ModelProto, form: str) -> list[str]:
         return sorted(ops - allowed)
     if form == "im2col":
         return sorted(ops & LOWERED_OPS)
+    if form == "layered":
+        seq = tuple(n.op_type for n in lowered.graph.node)
+        hidden = (len(seq) - len(LAYERED_HEAD) - len(LAYERED_TAIL)) // len(LAYERED_HIDDEN)
+        if seq != LAYERED_HEAD + LAYERED_HIDDEN * max(hidden, 0) + LAYERED_TAIL:
+            return [f"not a strict chain: {' '.join(seq)}"]
     return []
 
 
