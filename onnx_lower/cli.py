@@ -7,6 +7,8 @@ pass broke the model: please report it). A user's mistake never shows a tracebac
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import os
 import sys
 import time
@@ -33,7 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", nargs="?", help="the model to lower (.onnx)")
     p.add_argument("output", nargs="?", help="where to write the lowered model")
-    p.add_argument("--form", choices=FORMS, default="auto", help="target form (default: auto)")
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default=None,
+        help="target form (default: auto; layered for a .nnet output)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("onnx", "nnet"),
+        default=None,
+        help="output file format (default: from OUTPUT's suffix, .nnet or else onnx)",
+    )
+    p.add_argument(
+        "--vnnlib",
+        metavar="PROP.vnnlib",
+        help="input box from a VNN-LIB property (X_i = input element i, C order): the .nnet "
+        "input bounds, and validation samples inside it",
+    )
     p.add_argument("--passes", help="comma-separated pass names to run instead of a form")
     p.add_argument("--list-passes", action="store_true", help="list the registered passes")
     p.add_argument(
@@ -116,9 +135,15 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)
+    _resolve_format(args)
     if args.dry_run:
         return _dry_run(args)
     input_range = _range(args.input_range)  # before any work: a typo must not leave an output
+    box = None
+    if args.vnnlib:
+        from .vnnlib import read_input_box
+
+        box = read_input_box(args.vnnlib)
     given_inputs = None
     if args.validate and args.inputs:
         from .validate import load_inputs
@@ -126,6 +151,9 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         given_inputs = load_inputs(args.inputs, args.input)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     progress = _Progress(enabled=sys.stderr.isatty() and not args.quiet)
+    box_kwargs = {}
+    if box is not None and "input_box" in inspect.signature(lower).parameters:
+        box_kwargs["input_box"] = box.as_tuple()  # the layered form may use it for carries
     lowered, report = lower(
         args.input,
         args.form,
@@ -135,10 +163,30 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         verify_each=args.verify_each,
         dump_dir=args.dump_after,
         progress=progress,
+        **box_kwargs,
     )
     progress.done()
+    if box is not None:
+        _check_box_size(box, lowered, args.vnnlib)
+        if box.note:
+            report.notes["input_box_note"] = box.note
     start = time.perf_counter()
-    save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
+    if args.format == "nnet":
+        from .nnet import chain_layers, write_nnet
+
+        info = write_nnet(
+            chain_layers(lowered),
+            args.output,
+            box.as_tuple() if box is not None else None,
+            source=args.input,
+            exact_only_in_box=bool(box_kwargs),
+            box_source=args.vnnlib,
+        )
+        report.nnet = info.to_dict()
+        for line in info.warnings():
+            print(f"warning: {line}", file=sys.stderr)
+    else:
+        save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
     report.timings["save_s"] = time.perf_counter() - start
     report.output = str(args.output)
     status = EXIT_OK
@@ -156,6 +204,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             rtol=args.rtol,
             atol=args.atol,
             batch=args.batch,
+            input_box=box.as_tuple() if box is not None else None,
         )
         progress.done()
         if not report.validation.passed:
@@ -206,6 +255,44 @@ def _dry_run(args: argparse.Namespace) -> int:
             raise BudgetExceededError(worst.name, worst.bytes, budget, total)
         raise LoweringError(f"the mlp form is not possible: {result.reason}")
     return EXIT_OK
+
+
+def _resolve_format(args: argparse.Namespace) -> None:
+    """``--format`` from the suffix; a .nnet output needs a strict-chain form (layered)."""
+    if args.format is None:
+        suffix = Path(args.output).suffix.lower() if args.output else ""
+        args.format = "nnet" if suffix == ".nnet" else "onnx"
+    if args.format != "nnet":
+        args.form = args.form or "auto"
+        return
+    chain_forms = [f for f in ("layered", "mlp") if f in FORMS]  # mlp: fully-connected models
+    if args.passes:
+        raise LoweringError("--format nnet writes a form's output; drop --passes")
+    if args.form is None:
+        args.form = chain_forms[0]
+    elif args.form not in chain_forms:
+        raise LoweringError(
+            f"--format nnet needs a strict ReLU chain, which --form {args.form} does not make; "
+            f"use --form {chain_forms[0]} (or leave --form out)"
+        )
+    if args.sparse_storage or args.external_data:
+        raise LoweringError("--sparse-storage and --external-data apply to ONNX output, not .nnet")
+
+
+def _check_box_size(box, lowered, where: str) -> None:
+    """The box must bound every element of the (single) input, before anything is written."""
+    from .validate import graph_inputs
+
+    specs = graph_inputs(lowered)
+    shape = specs[0].dims[1:] if len(specs) == 1 and specs[0].dims else None
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return  # validate / write_nnet name the problem
+    size = math.prod(shape)
+    if box.lo.size != size:
+        raise LoweringError(
+            f"'{where}' bounds {box.lo.size} inputs X_0…, but the model's input "
+            f"'{specs[0].name}' has {size} elements per sample; is it this model's property?"
+        )
 
 
 def _check_output(args: argparse.Namespace) -> None:

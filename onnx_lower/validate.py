@@ -203,12 +203,16 @@ def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
 
 def random_inputs(model: ModelLike, *, seed: int = 0,
                   input_range: tuple[float, float] = (0.0, 1.0), batch: int = 1,
-                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                  rng: np.random.Generator | None = None,
+                  input_box: tuple[np.ndarray, np.ndarray] | None = None,
+                  ) -> dict[str, np.ndarray]:
     """One random feed for ``model``: floats uniform in ``input_range``, ints in it (inclusive).
 
     Dynamic axis 0 is set to ``batch``; any other dynamic axis raises :class:`LoweringError`.
     ``rng`` (if given) is drawn from instead of ``np.random.default_rng(seed)``, so successive
     calls give independent samples; sample 0 of :func:`validate` equals ``random_inputs(seed=s)``.
+    ``input_box`` ``(lo, hi)`` (one bound per element of one sample, C order) replaces
+    ``input_range`` for a model with one float input: each element is uniform in its own bounds.
     """
     proto = load_proto(model)
     lo, hi = float(input_range[0]), float(input_range[1])
@@ -218,7 +222,26 @@ def random_inputs(model: ModelLike, *, seed: int = 0,
         rng = np.random.default_rng(seed)
     specs = graph_inputs(proto)
     shapes = {s.name: _concrete_shape(s, batch) for s in specs}  # validate all before drawing
+    if input_box is not None:
+        return _box_feed(rng, specs, shapes, input_box)
     return {s.name: _random_array(rng, shapes[s.name], s.dtype, lo, hi, s.name) for s in specs}
+
+
+def _box_feed(rng: np.random.Generator, specs: list[InputSpec], shapes: dict,
+              input_box: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every element uniform in its own ``[lo_i, hi_i]``, the same box for each batch row."""
+    if len(specs) != 1 or specs[0].dtype.kind != "f":
+        raise LoweringError("an input box needs a model with exactly one float input")
+    spec, shape = specs[0], shapes[specs[0].name]
+    lo, hi = (np.asarray(v, dtype=np.float64).reshape(-1) for v in input_box)
+    per_sample = math.prod(shape[1:])
+    if lo.size != per_sample or hi.size != per_sample:
+        raise LoweringError(f"the input box has {lo.size} bounds but input '{spec.name}' has "
+                            f"{per_sample} elements per sample")
+    if np.any(hi < lo):
+        raise LoweringError("the input box is empty: some low bound is above its high bound")
+    x = rng.uniform(lo, hi, size=(shape[0], per_sample))
+    return {spec.name: x.reshape(shape).astype(spec.dtype)}
 
 
 def _natural_key(p: Path) -> list[Any]:
@@ -586,13 +609,15 @@ def _run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], label: str,
 
 def validate(original: ModelLike, lowered: ModelLike, *, inputs: InputsLike | None = None,
              samples: int = 4, seed: int = 0, input_range: tuple[float, float] = (0.0, 1.0),
-             rtol: float = 1e-4, atol: float = 1e-5, batch: int = 1) -> ValidationReport:
+             rtol: float = 1e-4, atol: float = 1e-5, batch: int = 1,
+             input_box: tuple[np.ndarray, np.ndarray] | None = None) -> ValidationReport:
     """Run ``original`` and ``lowered`` on the same inputs and compare every output by name.
 
     ``inputs``: None for ``samples`` random input sets (``seed``, ``input_range``, ``batch`` for
-    dynamic axis 0); a dict (one sample, used as given); a list of dicts; or file paths (see
-    :func:`load_inputs`). Returns a :class:`ValidationReport`; raises :class:`LoweringError` for
-    unusable models or inputs, not for numerical mismatches.
+    dynamic axis 0; ``input_box`` for per-element bounds, see :func:`random_inputs`); a dict
+    (one sample, used as given); a list of dicts; or file paths (see :func:`load_inputs`).
+    Returns a :class:`ValidationReport`; raises :class:`LoweringError` for unusable models or
+    inputs, not for numerical mismatches.
     """
     if rtol < 0 or atol < 0:
         raise LoweringError(f"tolerances must be >= 0 (got rtol={rtol}, atol={atol})")
@@ -601,8 +626,10 @@ def validate(original: ModelLike, lowered: ModelLike, *, inputs: InputsLike | No
         if samples < 1:
             raise LoweringError(f"samples must be >= 1 (got {samples})")
         rng = np.random.default_rng(seed)
-        feeds = [random_inputs(orig_proto, input_range=input_range, batch=batch, rng=rng)
-                 for _ in range(samples)]
+        feeds = [random_inputs(orig_proto, input_range=input_range, batch=batch, rng=rng,
+                               input_box=input_box) for _ in range(samples)]
+        if input_box is not None:  # the report's range: the box's hull
+            input_range = (float(np.min(input_box[0])), float(np.max(input_box[1])))
         source = "random"
     else:
         feeds = resolve_inputs(inputs, orig_proto)

@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.1").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.2").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -37,6 +37,7 @@ TOP_KEYS = {
     "timings",
     "validation",
     "latency",
+    "nnet",
 }
 OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes"}
 STATS_KEYS = {"ops", "nodes", "weight_bytes", "macs"}
@@ -144,13 +145,13 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.1"
+    assert SCHEMA == "onnx_lower.report/1.2"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.1"
+    assert r["schema"] == "onnx_lower.report/1.2"
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
@@ -235,7 +236,7 @@ def test_optional_parts_are_null(tmp_path):
     r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--passes", "resolve-shapes,dce,toposort",
                    "-q")
     assert set(r) == TOP_KEYS
-    assert r["validation"] is None and r["latency"] is None
+    assert r["validation"] is None and r["latency"] is None and r["nnet"] is None
     assert r["fold"] is None and r["kept_ops"] == {}
     assert r["form_used"] == "custom"
     assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
@@ -278,3 +279,22 @@ def test_regions_only_under_auto(full_report, tmp_path):
     assert region["form"] == r["form_used"] == "mlp" and region["reason"] == r["form_reason"]
     assert region["inputs"] and region["outputs"] and is_int(region["nodes"])
     assert is_int(region["macs"]) and is_int(region["weight_bytes"])
+
+
+NNET_KEYS = {"path", "bytes", "layer_sizes", "input_box", "long_rows", "warnings"}
+FC_SAMPLE = REPO_ROOT.parent / "shared" / "corpus" / "stanleybak__mnist-net_256x2.onnx"
+
+
+@pytest.mark.skipif(not FC_SAMPLE.exists(), reason="corpus model not available")
+def test_nnet_part(tmp_path):
+    """A .nnet output (1.2) fills ``nnet``: what was written, and rows too long for ReluVal."""
+    out = tmp_path / "o.nnet"
+    report = tmp_path / "r.json"
+    assert main([str(FC_SAMPLE), str(out), "--form", "mlp", "--report", str(report), "-q"]) == 0
+    r = json.loads(report.read_text())
+    assert set(r) == TOP_KEYS and set(r["nnet"]) == NNET_KEYS
+    assert r["nnet"]["bytes"] == out.stat().st_size
+    assert r["nnet"]["layer_sizes"] == [784, 256, 256, 10]
+    assert r["nnet"]["input_box"] is False
+    assert set(r["nnet"]["long_rows"]) <= {"ReluVal"}
+    assert all("ReluVal" in w for w in r["nnet"]["warnings"])
