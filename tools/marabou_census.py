@@ -9,9 +9,12 @@ Usage::
 For every model: lowered in ``--form layered`` when that form exists (else ``--form mlp``,
 whose output is a strict chain only for fully-connected models), the chain written as
 ``.nnet``; then Marabou reads the original ONNX, the lowered ONNX and the ``.nnet``, each in
-its own child process, which reports its wall time and its own peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``; ``RUSAGE_CHILDREN`` in the parent would be a running
-maximum over all children). A read over ``--timeout`` seconds is killed and shown as such.
+its own child process, which reports its wall time and its own peak RSS. The peak is the
+child's ``VmHWM`` (``/proc/self/status``), not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux
+keeps ``ru_maxrss`` across fork and exec, so a child of this process (which holds the lowered
+weights) would report the parent's peak; ``RUSAGE_CHILDREN`` is a running maximum over all
+children. ``ru_maxrss`` is the fallback where ``/proc`` is absent. A read over ``--timeout``
+seconds is killed and shown as such.
 
 For the property models (``PROPERTIES``: model, ε), a local-robustness query (L∞ box of
 radius ε around a seeded input in [0, 1], "the argmax does not change",
@@ -65,7 +68,12 @@ if query:
     r = mb.robustness(net, lo, hi, query["label"], timeout=query["timeout"],
                       set_box=not path.endswith(".nnet"))
     out.update(verdict=r.verdict, solve_s=r.seconds)
-out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:  # VmHWM: this process image's own peak (ru_maxrss keeps the parent's across fork + exec)
+    with open("/proc/self/status") as f:
+        hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["peak_rss"] = hwm * 1024
 print(json.dumps(out))
 """
 
