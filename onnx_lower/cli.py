@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -34,7 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", nargs="?", help="the model to lower (.onnx)")
     p.add_argument("output", nargs="?", help="where to write the lowered model")
-    p.add_argument("--form", choices=FORMS, default="auto", help="target form (default: auto)")
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default=None,
+        help="target form (default: auto; layered for a .nnet output)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("onnx", "nnet"),
+        default=None,
+        help="output file format (default: from OUTPUT's suffix, .nnet or else onnx)",
+    )
+    p.add_argument(
+        "--vnnlib",
+        metavar="PROP.vnnlib",
+        help="input box from a VNN-LIB property (X_i = input element i, C order): the .nnet "
+        "input bounds, and validation samples inside it",
+    )
     p.add_argument("--passes", help="comma-separated pass names to run instead of a form")
     p.add_argument(
         "--drop-final-softmax",
@@ -139,11 +157,19 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)
+    _resolve_format(args)
     if args.dry_run:
         return _dry_run(args)
     # before any work: a typo must not leave an output
-    box = _range(args.input_range) if args.input_range is not None else None
-    input_range = box or (0.0, 1.0)
+    explicit_range = _range(args.input_range) if args.input_range is not None else None
+    input_range = explicit_range or (0.0, 1.0)
+    vnnlib_box = None
+    if args.vnnlib:
+        from .vnnlib import read_input_box
+
+        vnnlib_box = read_input_box(args.vnnlib)
+    # the layered form's input box: a VNN-LIB property's, else an explicit --input-range
+    box = vnnlib_box.as_tuple() if vnnlib_box is not None else explicit_range
     given_inputs = None
     validating = not args.no_validate
     if validating and args.inputs:
@@ -166,22 +192,33 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         drop_final_softmax=args.drop_final_softmax,
     )
     progress.done()
+    if vnnlib_box is not None:
+        _check_box_size(vnnlib_box, lowered, args.vnnlib)
+        if vnnlib_box.note:
+            report.notes["input_box_note"] = vnnlib_box.note
     start = time.perf_counter()
-    staged = stage_model(
-        lowered, args.output, input_path=args.input, external_data=args.external_data
-    )
-    del lowered  # the output gate and validation load the file: free the proto first
-    gc.collect()
-    try:
+    timed = args.output  # what --benchmark runs: the written model, or the chain a .nnet holds
+    if args.format == "nnet":
+        timed = lowered
+        _write_nnet(args, report, lowered, box, vnnlib_box, given_inputs, input_range,
+                    validating, progress)
         report.timings["save_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        _output_gate(args, staged)
-        report.timings["output_gate_s"] = time.perf_counter() - start
-        if validating:
-            _validate(args, report, staged.file, given_inputs, input_range, box, progress)
-        staged.commit(check=False)  # a mismatch is still written, for inspection
-    finally:
-        staged.discard()
+    else:
+        staged = stage_model(
+            lowered, args.output, input_path=args.input, external_data=args.external_data
+        )
+        del lowered  # the output gate and validation load the file: free the proto first
+        gc.collect()
+        try:
+            report.timings["save_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            _output_gate(args, staged)
+            report.timings["output_gate_s"] = time.perf_counter() - start
+            if validating:
+                _validate(args, report, staged.file, given_inputs, input_range, box, progress)
+            staged.commit(check=False)  # a mismatch is still written, for inspection
+        finally:
+            staged.discard()
     report.output = str(args.output)
     status = EXIT_OK
     if report.validation is not None and not report.validation.passed:
@@ -193,7 +230,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress.step("benchmark")
         report.latency = benchmark(
             args.input,
-            args.output,
+            timed,
             threads=args.threads,
             repeat=args.repeat,
             batch=args.batch,
@@ -226,7 +263,37 @@ def _output_gate(args: argparse.Namespace, staged) -> None:
         raise
 
 
-def _validate(args, report, lowered: Path, given_inputs, input_range, box, progress) -> None:
+def _write_nnet(args, report, lowered, box, vnnlib_box, given_inputs, input_range, validating,
+                progress) -> None:
+    """Validate the lowered chain in memory, then write it as ``.nnet`` (atomically).
+
+    A ``.nnet`` is not ONNX: there is no output gate to run on it, so the chain is checked
+    against the original before it is serialised; a mismatch is still written (exit 1).
+    """
+    import numpy as np
+
+    from .nnet import chain_layers, write_nnet
+
+    layers = chain_layers(lowered)
+    if box is not None:  # an --input-range box is two scalars: one bound for every input
+        n_in = layers[0][0].shape[1]
+        box = tuple(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (n_in,)) for v in box)
+    if validating:
+        _validate(args, report, lowered, given_inputs, input_range, box, progress)
+    info = write_nnet(
+        layers,
+        args.output,
+        box,
+        source=args.input,
+        exact_only_in_box=box is not None and args.form == "layered",
+        box_source=args.vnnlib,
+    )
+    report.nnet = info.to_dict()
+    for line in info.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _validate(args, report, lowered, given_inputs, input_range, box, progress) -> None:
     """Compare the staged output with the input in onnxruntime; ``timings.validate_s``.
 
     The layered form's output is exact inside its input box only: it is sampled there.
@@ -273,6 +340,44 @@ def _dry_run(args: argparse.Namespace) -> int:
             raise BudgetExceededError(worst.name, worst.bytes, budget, total)
         raise LoweringError(f"the mlp form is not possible: {result.reason}")
     return EXIT_OK
+
+
+def _resolve_format(args: argparse.Namespace) -> None:
+    """``--format`` from the suffix; a .nnet output needs a strict-chain form (layered)."""
+    if args.format is None:
+        suffix = Path(args.output).suffix.lower() if args.output else ""
+        args.format = "nnet" if suffix == ".nnet" else "onnx"
+    if args.format != "nnet":
+        args.form = args.form or "auto"
+        return
+    chain_forms = [f for f in ("layered", "mlp") if f in FORMS]  # mlp: fully-connected models
+    if args.passes:
+        raise LoweringError("--format nnet writes a form's output; drop --passes")
+    if args.form is None:
+        args.form = chain_forms[0]
+    elif args.form not in chain_forms:
+        raise LoweringError(
+            f"--format nnet needs a strict ReLU chain, which --form {args.form} does not make; "
+            f"use --form {chain_forms[0]} (or leave --form out)"
+        )
+    if args.sparse_storage or args.external_data:
+        raise LoweringError("--sparse-storage and --external-data apply to ONNX output, not .nnet")
+
+
+def _check_box_size(box, lowered, where: str) -> None:
+    """The box must bound every element of the (single) input, before anything is written."""
+    from .validate import graph_inputs
+
+    specs = graph_inputs(lowered)
+    shape = specs[0].dims[1:] if len(specs) == 1 and specs[0].dims else None
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return  # validate / write_nnet name the problem
+    size = math.prod(shape)
+    if box.lo.size != size:
+        raise LoweringError(
+            f"'{where}' bounds {box.lo.size} inputs X_0…, but the model's input "
+            f"'{specs[0].name}' has {size} elements per sample; is it this model's property?"
+        )
 
 
 def _check_output(args: argparse.Namespace) -> None:

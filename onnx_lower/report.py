@@ -76,6 +76,7 @@ class Report:
     validation: Any = None  # onnx_lower.validate.ValidationReport
     latency: Any = None  # onnx_lower.benchmark.LatencyReport
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
+    nnet: dict[str, Any] | None = None  # onnx_lower.nnet.NnetInfo.to_dict() of a .nnet output
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -111,6 +112,7 @@ class Report:
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "validation": self.validation.to_dict() if self.validation else None,
             "latency": self.latency.to_dict() if self.latency else None,
+            "nnet": self.nnet,
         }
 
     def kept_ops(self) -> dict[str, int]:
@@ -168,6 +170,10 @@ class Report:
             listed = ", ".join(f"{k}×{v}" for k, v in kept.items())
             lines.append(f"kept (not MatMul/Add/Relu): {listed}")
         lines.extend(_layered_lines(self.notes.get("layered")))
+        if self.nnet:
+            sizes = ",".join(map(str, self.nnet["layer_sizes"]))
+            lines.append(f".nnet: {self.nnet['bytes']:,} bytes, layer sizes {sizes}")
+            lines.extend(f"warning: {w}" for w in self.nnet["warnings"])
         total = sum(r.seconds for r in self.passes)
         lines.append(f"passes: {len(self.passes)} runs, {total:.3f} s")
         records = self.passes if verbose else sorted(self.passes, key=lambda r: -r.seconds)[:5]

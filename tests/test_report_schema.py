@@ -38,6 +38,7 @@ TOP_KEYS = {
     "timings",
     "validation",
     "latency",
+    "nnet",
 }
 OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes", "ort_check"}
 STATS_KEYS = {
@@ -244,7 +245,7 @@ def test_optional_parts_are_null(tmp_path):
     r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--passes", "resolve-shapes,dce,toposort",
                    "--no-validate", "-q")
     assert set(r) == TOP_KEYS
-    assert r["validation"] is None and r["latency"] is None
+    assert r["validation"] is None and r["latency"] is None and r["nnet"] is None
     assert r["fold"] is None and r["kept_ops"] == {} and r["layered"] is None
     assert r["form_used"] == "custom"
     assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
@@ -309,3 +310,22 @@ def test_layered_part(tmp_path):
     assert lay["carry_neurons"] == sum(
         la["carry_one"] + la["carry_two"] + la["carry_box"] for la in lay["layers"])
     assert r["after"]["ops"]["MatMul"] == len(lay["layers"])
+
+
+NNET_KEYS = {"path", "bytes", "layer_sizes", "input_box", "long_rows", "warnings"}
+FC_SAMPLE = REPO_ROOT.parent / "shared" / "corpus" / "stanleybak__mnist-net_256x2.onnx"
+
+
+@pytest.mark.skipif(not FC_SAMPLE.exists(), reason="corpus model not available")
+def test_nnet_part(tmp_path):
+    """A .nnet output (1.2) fills ``nnet``: what was written, and rows too long for ReluVal."""
+    out = tmp_path / "o.nnet"
+    report = tmp_path / "r.json"
+    assert main([str(FC_SAMPLE), str(out), "--form", "mlp", "--report", str(report), "-q"]) == 0
+    r = json.loads(report.read_text())
+    assert set(r) == TOP_KEYS and set(r["nnet"]) == NNET_KEYS
+    assert r["nnet"]["bytes"] == out.stat().st_size
+    assert r["nnet"]["layer_sizes"] == [784, 256, 256, 10]
+    assert r["nnet"]["input_box"] is False
+    assert set(r["nnet"]["long_rows"]) <= {"ReluVal"}
+    assert all("ReluVal" in w for w in r["nnet"]["warnings"])
