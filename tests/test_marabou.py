@@ -11,9 +11,8 @@
   (robust) box and a ``sat`` box (around a point on the decision boundary, found by bisection
   between two inputs of different labels) are both checked; each counterexample is checked on
   the original with onnxruntime;
-* every corpus model in ``--form layered``, once that form is in ``FORMS``; until then the
-  models whose ``--form mlp`` output is already a chain (``MLP_CHAINS``) run in mlp and the
-  others skip ("layered form not merged yet");
+* every corpus model in ``--form layered`` (a model the form refuses, by a kept op's name or
+  the budget, skips here with that refusal; tests/test_layered.py pins the refusals);
 * the same for a CNN, ``stanleybak__cifar10_small`` (slow).
 
 Default profile: the fully-connected model (about 15 s on a quiet machine). The CNN cases are
@@ -33,8 +32,8 @@ pytest.importorskip("maraboupy", reason="maraboupy is not installed (wheels for 
 
 import onnx_lower  # noqa: E402
 from onnx_lower import marabou as mb  # noqa: E402
+from onnx_lower.errors import BudgetExceededError, UnsupportedOpError  # noqa: E402
 from onnx_lower.nnet import chain_layers, write_nnet  # noqa: E402
-from onnx_lower.pipelines import FORMS  # noqa: E402
 from onnx_lower.validate import graph_inputs, make_session  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -44,11 +43,6 @@ pytestmark = pytest.mark.corpus
 
 FC = "stanleybak__mnist-net_256x2.onnx"
 MODELS = sorted(p.name for p in CORPUS.glob("*.onnx"))
-LAYERED = "layered" in FORMS
-#: Models whose mlp form is already a strict chain (tools/marabou_census.py): they run in
-#: --form mlp until the layered form is merged.
-MLP_CHAINS = {FC, "stanleybak__cifar10_small.onnx", "stanleybak__cifar_base_kw.onnx",
-              "christopherbrix__NN_rul_full_window_20.onnx", "stanleybak__Convnet_avgpool.onnx"}
 #: The default profile's cases; the others take 15 s to minutes (Marabou's ONNX reader turns
 #: every dense coefficient into an equation addend: 16-25 s for cifar10_small's 25 MB).
 FAST = {FC}
@@ -57,16 +51,10 @@ EPS_ROBUST = 0.01  # Marabou: unsat in ~1 s on mnist-net_256x2 (0.1 times out af
 TIMEOUT = 120
 
 
-def _form(name: str) -> str:
-    return "layered" if LAYERED else "mlp"
-
-
 def _params():
     out = []
     for name in MODELS:
         marks = [] if name in FAST else [pytest.mark.slow]
-        if not LAYERED and name not in MLP_CHAINS:
-            marks.append(pytest.mark.skip(reason="layered form not merged yet"))
         out.append(pytest.param(name, marks=marks, id=name.removesuffix(".onnx")))
     return out
 
@@ -74,11 +62,18 @@ def _params():
 @functools.cache
 def _written(name: str, tmp: Path) -> tuple[Path, Path]:
     """``(lowered .onnx, .nnet)`` of a corpus model, written once per session."""
-    lowered, _ = onnx_lower.lower(CORPUS / name, form=_form(name))
+    lowered = _layered(name)
     onnx_path, nnet_path = tmp / f"{name}.lowered.onnx", tmp / f"{name}.nnet"
     onnx_lower.save_model(lowered, onnx_path)
     write_nnet(chain_layers(lowered), nnet_path, source=name)
     return onnx_path, nnet_path
+
+
+def _layered(name: str, form: str = "layered") -> onnx.ModelProto:
+    try:
+        return onnx_lower.lower(CORPUS / name, form=form)[0]
+    except (UnsupportedOpError, BudgetExceededError) as exc:
+        pytest.skip(f"--form {form} refuses {name}: {exc.fact}")
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +136,17 @@ def _boundary_point(name: str) -> tuple[np.ndarray, int]:
 
 
 def _same_verdicts(name: str, out_dir: Path, center: np.ndarray, label: int, eps: float,
-                   form: str | None = None):
+                   form: str = "layered"):
     """Marabou's verdicts on the original, the lowered ONNX and (for a chain) the ``.nnet``."""
-    lowered, _ = onnx_lower.lower(CORPUS / name, form=form or _form(name))
-    onnx_path = out_dir / f"{name}.{form or _form(name)}.onnx"
+    lowered = _layered(name, form)
+    onnx_path = out_dir / f"{name}.{form}.onnx"
     onnx_lower.save_model(lowered, onnx_path)
     lo, hi = center.reshape(-1) - eps, center.reshape(-1) + eps
     results = {
         "original": mb.robustness(mb.read(CORPUS / name), lo, hi, label, timeout=TIMEOUT),
         "lowered onnx": mb.robustness(mb.read(onnx_path), lo, hi, label, timeout=TIMEOUT),
     }
-    if form in (None, "layered") or name in MLP_CHAINS:
+    if form == "layered" or name in (FC, CNN):  # the mlp forms of these two are chains
         boxed = out_dir / f"{name}.eps{eps:g}.nnet"
         write_nnet(chain_layers(lowered), boxed, (lo, hi), source=name)
         results[".nnet"] = mb.robustness(mb.read(boxed), lo, hi, label, timeout=TIMEOUT,
@@ -188,8 +183,6 @@ EPS_CNN = 2e-4  # Marabou: unsat in 30-60 s on each (cnn_max_mninst2 times out a
 @pytest.mark.parametrize("form", ["mlp", "layered"])
 def test_robustness_same_verdict_cnn(out_dir, form):
     """cifar10_small (Conv, Relu, Gemm: its mlp form is already a chain) as ONNX and .nnet."""
-    if form not in FORMS:
-        pytest.skip("layered form not merged yet")
     _, x = _feed(CNN, 0)
     label = int(_original(CNN, x).argmax())
     verdict = _same_verdicts(CNN, out_dir, x.astype(np.float64), label, EPS_CNN, form)

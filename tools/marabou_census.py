@@ -46,7 +46,6 @@ import onnx_lower  # noqa: E402
 from onnx_lower import cost  # noqa: E402
 from onnx_lower.errors import LoweringError  # noqa: E402
 from onnx_lower.nnet import chain_layers, write_nnet  # noqa: E402
-from onnx_lower.pipelines import FORMS  # noqa: E402
 
 CORPUS = REPO_ROOT.parent / "shared" / "corpus"
 #: model -> ε of the robustness query (chosen so that Marabou answers in about a minute).
@@ -92,7 +91,7 @@ def _child(path: Path, query: dict | None, timeout: float) -> dict[str, Any]:
 
 
 def census(model: Path, tmp: Path, timeout: float, solve_timeout: float) -> dict[str, Any]:
-    form = "layered" if "layered" in FORMS else "mlp"
+    form = "layered"
     row: dict[str, Any] = {"model": model.name, "form": form}
     try:
         lowered, _ = onnx_lower.lower(model, form=form)
