@@ -26,7 +26,7 @@ from . import cost
 from . import graph as g
 from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
-from .pass_manager import LoweringModel, Options, PassRecord
+from .pass_manager import CONV_ALGOS, LoweringModel, Options, PassRecord
 from .pipelines import CANONICALIZE, FORMS, build_pipeline
 from .plan import Plan, make_plan, plan_regions
 from .regions import Region, extract_region, find_regions, merge_same_form, stitch
@@ -44,16 +44,24 @@ def lower(
     passes: Sequence[str] | None = None,
     max_weight_mb: float = 1024,
     sparse_storage: bool = False,
+    conv_algo: str = "auto",
     verify_each: bool = False,
     dump_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
 
+    ``conv_algo`` (im2col form): ``auto`` picks im2col, F(2,3) or F(4,3) Winograd per conv by
+    a cost model, ``im2col`` never uses Winograd, ``winograd`` uses it wherever it applies
+    (see :mod:`onnx_lower.passes.im2col_winograd`).
+
     Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    if conv_algo not in CONV_ALGOS:
+        raise LoweringError(f"unknown conv algorithm '{conv_algo}'; choose one of "
+                            f"{', '.join(CONV_ALGOS)}")
     start = time.perf_counter()
     source = _Source(model)
     before = model_stats(source.proto())  # also feeds the auto plan its MAC count
@@ -62,6 +70,7 @@ def lower(
         form=form,
         max_weight_bytes=int(max_weight_mb * MB),
         sparse_storage=sparse_storage,
+        conv_algo=conv_algo,
         verify_each=verify_each,
         dump_dir=dump_dir,
         progress=progress,
@@ -90,6 +99,7 @@ def lower(
         options={
             "max_weight_mb": float(max_weight_mb),
             "sparse_storage": sparse_storage,
+            "conv_algo": conv_algo,
             "passes": list(passes) if passes else None,
         },
         notes=notes,

@@ -15,7 +15,7 @@ from .pass_manager import PassRecord
 
 __all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.1"
+SCHEMA = "onnx_lower.report/1.2"
 
 
 @dataclasses.dataclass
@@ -103,6 +103,7 @@ class Report:
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "validation": self.validation.to_dict() if self.validation else None,
             "latency": self.latency.to_dict() if self.latency else None,
+            "conv_algos": list(self.notes.get("conv_algos") or []),
         }
 
     def kept_ops(self) -> dict[str, int]:

@@ -137,6 +137,7 @@ from onnx_lower import graph as g
 from onnx_lower.errors import LoweringError, UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 from onnx_lower.passes.conv import conv_transpose_geometry
+from onnx_lower.passes.im2col_winograd import lower_conv as lower_winograd
 from onnx_lower.passes.linear import batch_norm_scale_shift
 from onnx_lower.passes.pool import avg_pool_matrix, max_pool_taps, pool_windows
 from onnx_lower.windows import resolve_pads, sliding_windows
@@ -170,7 +171,7 @@ FORM = "im2col"
 #: Ops the im2col form emits (besides the elementwise ops it keeps from the input model).
 ALLOWED_OPS = frozenset(
     {"MatMul", "Add", "Sub", "Mul", "Relu", "Gather", "Reshape", "Transpose", "Concat", "Slice",
-     "Pad", "ReduceSum", "Flatten"}
+     "Pad", "ReduceSum", "Flatten", "Split"}
 )
 #: Layout-agnostic unary ops: they run unchanged on channels-last tensors.
 ELEMENTWISE_UNARY = frozenset(
@@ -1134,6 +1135,10 @@ class _Lowering:
             raise UnsupportedOpError(node.name, node.op, FORM,
                                      f"its windows give {win.out_shape}, the model says "
                                      f"{out_spatial}")
+        y = lower_winograd(self, node, x_t, w, b, strides, dilations, group, pads, auto_pad)
+        if y is not None:  # issue 13: the conv-algorithm choice and the Winograd emission
+            self.conv_out(out_t, y, out_spatial, m)
+            return True
         wg = group_weights(w, group)
         block = _space_to_depth_block(x.channels, strides, x.dtype) if group == 1 else None
         if block is not None:

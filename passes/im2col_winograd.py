@@ -1,0 +1,247 @@
+"""Winograd convs in the im2col form, and the per-layer choice of conv algorithm (issue 13).
+
+Math (:mod:`onnx_lower.winograd`): a 3×3 (or 3-tap) stride-1 conv, groups 1, as F(m, 3) on
+channels-last rows ``x`` ``(N, S, C)`` (``a = m + 2``, ``d`` spatial axes, ``T`` tiles)::
+
+    D = Gather(Pad(x, zero row), taps_tᵀ, axis=1)       (N, a^d, T, C)      tap-major tiles
+    V = Bᵀ_d · D                                         input transform, a MatMul with a constant
+    M[p] = V[p] @ U[p]      p = 0 … a^d − 1              U = G g Gᵀ (float64, cast once)
+    Y = Aᵀ_d · M                                         (N, m^d, T, C_out)
+    y = Gather(Y, output_rows) + bias                    (N·S_out, C_out): the overhang dropped
+
+then the conv's consumers (residual Add, Relu, Clip …) run on ``y`` as after any im2col conv.
+Formulation (tools/bench_winograd.py, BENCHMARKS.md "Winograd (issue 13)"): the ``a^d`` GEMMs are
+a Split and ``a^d`` 2-D MatMuls with ``U[p]`` as input 1 (onnxruntime prepacks constant 2-D B),
+then a Concat — one 3-D MatMul against ``U`` is not prepacked and lost where the tiles are few
+(256→256 @ 14²: F(4,3) 1.38× vs 0.91× native). Transforms: F(4,3) separable in 2-D (two
+MatMuls with Bᵀ (6, 6) instead of one with Bᵀ⊗Bᵀ (36, 36): 0.79–0.90× vs 0.85–1.03×), F(2,3)
+Kronecker (its 4×4 transform is cheap; separable measured slower).
+
+Choice per conv (:func:`choose`), ``conv_algo``:
+
+* ``im2col``: never Winograd. ``winograd``: F(4,3) where it passes the numerics gate, else
+  F(2,3), for every eligible conv (3-tap kernels on 1-2 spatial axes, stride 1, dilation 1,
+  groups 1; any pads). ``auto`` (default): the cheapest by :func:`estimate_ms`, a cost model of
+  GEMM MACs at a tile-count-dependent efficiency, bytes moved, and per-node overhead, calibrated
+  on this machine (AMD EPYC, 1 thread, onnxruntime 1.32; min-time ratios to the native Conv):
+
+  ========================  ======  =====================  ======================
+  layer                     im2col  F(2,3) kron split      F(4,3) separable split
+  ========================  ======  =====================  ======================
+  64→64 @ 56²               1.79    1.25                   0.90
+  128→128 @ 28²             1.34    1.06                   0.79
+  256→256 @ 14²             1.26    0.99                   0.93
+  512→512 @ 7²              1.25    1.41                   1.97
+  ========================  ======  =====================  ======================
+
+  (The 3-channel 224² stem and other thin layers stay im2col: few channels make the
+  transforms and copies dominate.)
+* Numerics gate: F(4,3) only if :func:`onnx_lower.winograd.probe_error` of the layer's own
+  weights (its first 32 output channels, 2×2 tiles of standard-normal input) in float32 is at
+  most :data:`ERROR_GATE`; F(2,3) is about as accurate as direct and is not gated.
+
+Every choice is noted in ``model.notes["conv_algos"]`` (one dict per conv: name, algorithm,
+reason, estimated ms per algorithm, probe error) for the report and ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_lower import winograd as wg
+from onnx_lower.errors import LoweringError
+from onnx_lower.pass_manager import CONV_ALGOS
+
+__all__ = ["CONV_ALGOS", "ERROR_GATE", "ConvChoice", "eligible", "estimate_ms", "choose",
+           "emit_winograd"]
+
+#: Largest float32 scaled error (probe) a layer may have to get F(4,3). The validation default
+#: is rtol 1e-4 for the whole network; a deep net stacks ~20 such layers.
+ERROR_GATE = 2e-5
+
+# Cost model constants (ns; calibrated on the table in the module docstring).
+# A least-squares fit of the table's 12 times gave 81 GMAC/s, 48 rows and 0.054 ns/byte (the
+# transforms' MACs and the node count got weight 0 there; the node cost is onnxruntime's known
+# ~4 µs, and the transform MACs are kept at a tenth of SGEMM speed so huge tiles cost something).
+_NS_PER_MAC = 1 / 80.0          # MLAS SGEMM at full speed, ~80 GMAC/s on one thread
+_TILE_ROWS_HALF = 48            # GEMM efficiency rows / (rows + this): small GEMMs run slower
+_NS_PER_BYTE = 0.054            # a copy pass (Gather, Pad, Split, Concat, transforms)
+_NS_PER_NODE = 4000             # onnxruntime's fixed cost of one node
+_TRANSFORM_NS_PER_MAC = 1 / 80.0  # the thin transform MatMuls
+_PROBE_CHANNELS = 32  # output channels the numerics probe runs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvChoice:
+    """The algorithm of one conv: ``im2col``, ``winograd-f2`` or ``winograd-f4``."""
+
+    algo: str
+    reason: str
+    m: int | None = None
+    estimates: dict[str, float] = dataclasses.field(default_factory=dict)
+    probe_error: float | None = None
+
+    def to_note(self, name: str) -> dict:
+        return {"name": name, "algo": self.algo, "reason": self.reason,
+                "estimated_ms": {k: round(v, 4) for k, v in self.estimates.items()},
+                "probe_error": self.probe_error}
+
+
+def eligible(kernel, strides, dilations, group: int) -> str | None:
+    """None if Winograd applies, else why not."""
+    if len(kernel) not in (1, 2) or any(k != 3 for k in kernel):
+        return f"kernel {tuple(kernel)} is not 3 or 3×3"
+    if any(s != 1 for s in strides):
+        return f"strides {tuple(strides)}"
+    if any(d != 1 for d in dilations):
+        return f"dilations {tuple(dilations)}"
+    if group != 1:
+        return f"group {group}"
+    return None
+
+
+def _eff(rows: int) -> float:
+    return rows / (rows + _TILE_ROWS_HALF)
+
+
+def estimate_ms(c_in: int, c_out: int, out_shape, m: int | None) -> float:
+    """Modelled time of one conv in the im2col form (``m`` None) or as F(m, 3), in ms."""
+    d, s_out = len(out_shape), math.prod(out_shape)
+    if m is None:
+        k = 3 ** d
+        ns = (k * s_out * c_in * c_out * _NS_PER_MAC / _eff(s_out)
+              + 4 * (k + 2) * s_out * c_in * _NS_PER_BYTE + 3 * _NS_PER_NODE)
+        return ns / 1e6
+    a = m + 2
+    t = math.prod(-(-o // m) for o in out_shape)
+    p = a ** d
+    gemm = p * t * c_in * c_out * _NS_PER_MAC / _eff(t)
+    tr_in = (2 * d * a) if d == 2 and m == 4 else p  # MACs per transformed value
+    transforms = (tr_in * p * t * c_in + (m ** d) * p * t * c_out) * _TRANSFORM_NS_PER_MAC
+    copies = 4 * (4 * p * t * c_in + 3 * p * t * c_out + 2 * s_out * c_out) * _NS_PER_BYTE
+    nodes = (p + 10) * _NS_PER_NODE
+    return (gemm + transforms + copies + nodes) / 1e6
+
+
+def choose(conv_algo: str, weight: np.ndarray, out_shape, strides, dilations,
+           group: int) -> ConvChoice:
+    """The algorithm for one conv (see the module docstring)."""
+    if conv_algo not in CONV_ALGOS:
+        raise LoweringError(f"unknown conv algorithm '{conv_algo}'; choose one of "
+                            f"{', '.join(CONV_ALGOS)}")
+    c_out, c_in, *kernel = weight.shape
+    if conv_algo == "im2col":
+        return ConvChoice("im2col", "--conv-algo im2col")
+    why = eligible(kernel, strides, dilations, group)
+    if why is not None:
+        return ConvChoice("im2col", f"not Winograd: {why}")
+    est = {"im2col": estimate_ms(c_in, c_out, out_shape, None),
+           "winograd-f2": estimate_ms(c_in, c_out, out_shape, 2),
+           "winograd-f4": estimate_ms(c_in, c_out, out_shape, 4)}
+    err = None
+    if conv_algo == "winograd" or min(est, key=est.get) == "winograd-f4":
+        # the error of one output channel does not depend on the others: probe a subset
+        err = wg.probe_error(weight[:_PROBE_CHANNELS], 4, tiles=2)
+        if err > ERROR_GATE:
+            del est["winograd-f4"]
+    if conv_algo == "winograd":
+        algo = "winograd-f4" if "winograd-f4" in est else "winograd-f2"
+        reason = "--conv-algo winograd"
+    else:
+        algo = min(est, key=est.get)
+        reason = f"cheapest by the cost model ({est[algo]:.3g} ms est.)"
+    if err is not None and err > ERROR_GATE:
+        reason += f"; F(4,3) refused: probe error {err:.1e} > {ERROR_GATE:g}"
+    m = int(algo[-1]) if algo.startswith("winograd") else None
+    return ConvChoice(algo, reason, m, est, err)
+
+
+def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> gs.Variable:
+    """Emit F(m, 3) for channels-last ``x`` (a ``CL`` of ``low``, an im2col ``_Lowering``).
+
+    ``pads``: explicit ONNX pads (begins, then ends). Returns ``(N·S_out, C_out)`` rows when the
+    batch is 1, else ``(N, S_out, C_out)``.
+    """
+    e, dtype = low.e, x.dtype
+    c_out, c_in = weight.shape[:2]
+    t = wg.transform(m, 3)
+    grid = wg.tile_grid(x.spatial, pads, m, 3)
+    d, n, n_t = grid.rank, x.batch, grid.n_tiles
+    p, mm_ = t.a ** d, m ** d
+    s_out = math.prod(grid.out_shape)
+    taps = grid.taps.T                                               # (a^d, T)
+    zero = bool((taps < 0).any())
+    src = low.source(low.t3(x), zero, base)
+    idx = np.where(taps >= 0, taps, x.s)
+    tiles = e.gather(src, idx, [n, p, n_t, c_in], base + "/wino_tiles")
+    sep = d == 2 and m == 4
+
+    def transform(v, mat, cols, tag):
+        """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
+        rows, a = mat.shape
+        if not sep:
+            k = e.const(f"{base}/{tag}", wg.kron_power(mat, d).astype(dtype))
+            flat = e.reshape(v, [-1, a ** d, cols], [n, a ** d, cols], f"{base}/{tag}_in")
+            return e.binary("MatMul", k, flat, [n, rows ** d, cols], f"{base}/{tag}")
+        k = e.const(f"{base}/{tag}", mat.astype(dtype))
+        v1 = e.reshape(v, [-1, a, a * cols], [n, a, a * cols], f"{base}/{tag}_in")
+        h = e.binary("MatMul", k, v1, [n, rows, a * cols], f"{base}/{tag}_rows")
+        h4 = e.reshape(h, [-1, rows, a, cols], [n, rows, a, cols], f"{base}/{tag}_mid")
+        return e.binary("MatMul", k, h4, [n, rows, rows, cols], f"{base}/{tag}_cols")
+
+    v = transform(tiles, t.bt, n_t * c_in, "wino_bt")
+    v4 = e.reshape(v, [-1, p, n_t, c_in], [n, p, n_t, c_in], base + "/wino_v")
+    u = wg.weight_transform(weight, t).astype(dtype)               # (a^d, C_in, C_out)
+    parts = [gs.Variable(e.namer(f"{base}/wino_v{q}"), dtype=dtype, shape=[n, 1, n_t, c_in])
+             for q in range(p)]
+    sizes = [1] * p
+    if e.opset >= 13:
+        inputs, attrs = [v4, e.ints(base + "/wino_split", sizes)], {"axis": 1}
+    else:
+        inputs, attrs = [v4], {"axis": 1, "split": sizes}
+    e.graph.nodes.append(gs.Node("Split", e.namer(base + "/wino_split"), attrs, inputs, parts))
+    prods = [e.binary("MatMul", part, e.const(f"{base}/wino_u{q}", u[q]),
+                      [n, 1, n_t, c_out], f"{base}/wino_gemm{q}")
+             for q, part in enumerate(parts)]
+    mprod = e.concat(prods, 1, [n, p, n_t, c_out], base + "/wino_m")
+    y = transform(mprod, t.at, n_t * c_out, "wino_at")
+    b = None
+    if bias is not None and np.any(bias):
+        b = e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(dtype))
+    rows_idx = wg.output_rows(grid, "tap")
+    if isinstance(n, (int, np.integer)) and n == 1:
+        y2 = e.reshape(y, [mm_ * n_t, c_out], [mm_ * n_t, c_out], base + "/wino_rows")
+        out = e.gather(y2, rows_idx, [s_out, c_out], base + "/wino_out", axis=0)
+        shape = [s_out, c_out]
+    else:
+        y3 = e.reshape(y, [-1, mm_ * n_t, c_out], [n, mm_ * n_t, c_out], base + "/wino_rows")
+        out = e.gather(y3, rows_idx, [n, s_out, c_out], base + "/wino_out", axis=1)
+        shape = [n, s_out, c_out]
+    return out if b is None else e.binary("Add", out, b, shape, base + "/bias")
+
+
+def lower_conv(low, node: gs.Node, x_t: gs.Tensor, weight: np.ndarray, bias, strides,
+               dilations, group: int, pads, auto_pad) -> gs.Variable | None:
+    """The im2col pass's hook: note the conv's algorithm; emit it if it is Winograd, else None."""
+    from onnx_lower.windows import resolve_pads
+
+    x = low.cl_view(x_t)
+    kernel = tuple(weight.shape[2:])
+    pads = resolve_pads(x.spatial, kernel, strides, dilations, pads, auto_pad)
+    name = node.name or node.outputs[0].name
+    if all(k == 1 for k in kernel) and not any(pads):
+        choice = ConvChoice("matmul" if all(s == 1 for s in strides) else "im2col",
+                            "1×1 conv: one MatMul on the (strided) rows")
+    else:
+        out_shape = tuple(n + pads[i] + pads[len(kernel) + i] - k + 1
+                          for i, (n, k) in enumerate(zip(x.spatial, kernel)))
+        choice = choose(getattr(low.model.options, "conv_algo", "auto"), weight, out_shape,
+                        strides, dilations, group)
+    low.model.note("conv_algos", choice.to_note(name))
+    if choice.m is None:
+        return None
+    return emit_winograd(low, low.to_cl(x_t), weight, bias, pads, choice.m, name)
