@@ -119,7 +119,8 @@ def weight_transform(weight: np.ndarray, t: WinogradTransform) -> np.ndarray:
     if any(k != t.r for k in kernel):
         raise ValueError(f"kernel {tuple(kernel)} is not {t.r} on every axis")
     gd = kron_power(t.g, len(kernel))
-    return np.einsum("pk,oik->pio", gd, weight.reshape(c_out, c_in, -1), optimize=True)
+    u = weight.reshape(c_out * c_in, -1) @ gd.T                   # (C_out·C_in, a^d), one GEMM
+    return np.ascontiguousarray(u.reshape(c_out, c_in, -1).transpose(2, 1, 0))
 
 
 @dataclasses.dataclass(frozen=True)
