@@ -73,6 +73,7 @@ _NS_PER_BYTE = 0.054            # a copy pass (Gather, Pad, Split, Concat, trans
 _NS_PER_NODE = 4000             # onnxruntime's fixed cost of one node
 _TRANSFORM_NS_PER_MAC = 1 / 80.0  # the thin transform MatMuls
 _PROBE_CHANNELS = 32  # output channels the numerics probe runs
+_CHUNK_BYTES = 2 << 20  # gathered tiles per chunk (im2col's chunk size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,38 +178,49 @@ def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> 
     zero = bool((taps < 0).any())
     src = low.source(low.t3(x), zero, base)
     idx = np.where(taps >= 0, taps, x.s)
-    tiles = e.gather(src, idx, [n, p, n_t, c_in], base + "/wino_tiles")
     sep = d == 2 and m == 4
-
-    def transform(v, mat, cols, tag):
-        """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
-        rows, a = mat.shape
-        if not sep:
-            k = e.const(f"{base}/{tag}", wg.kron_power(mat, d).astype(dtype))
-            flat = e.reshape(v, [-1, a ** d, cols], [n, a ** d, cols], f"{base}/{tag}_in")
-            return e.binary("MatMul", k, flat, [n, rows ** d, cols], f"{base}/{tag}")
-        k = e.const(f"{base}/{tag}", mat.astype(dtype))
-        v1 = e.reshape(v, [-1, a, a * cols], [n, a, a * cols], f"{base}/{tag}_in")
-        h = e.binary("MatMul", k, v1, [n, rows, a * cols], f"{base}/{tag}_rows")
-        h4 = e.reshape(h, [-1, rows, a, cols], [n, rows, a, cols], f"{base}/{tag}_mid")
-        return e.binary("MatMul", k, h4, [n, rows, rows, cols], f"{base}/{tag}_cols")
-
-    v = transform(tiles, t.bt, n_t * c_in, "wino_bt")
-    v4 = e.reshape(v, [-1, p, n_t, c_in], [n, p, n_t, c_in], base + "/wino_v")
-    u = wg.weight_transform(weight, t).astype(dtype)               # (a^d, C_in, C_out)
-    parts = [gs.Variable(e.namer(f"{base}/wino_v{q}"), dtype=dtype, shape=[n, 1, n_t, c_in])
-             for q in range(p)]
-    sizes = [1] * p
-    if e.opset >= 13:
-        inputs, attrs = [v4, e.ints(base + "/wino_split", sizes)], {"axis": 1}
+    if sep:
+        bt_c, at_c = (e.const(f"{base}/{tag}", mat.astype(dtype))
+                      for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at)))
     else:
-        inputs, attrs = [v4], {"axis": 1, "split": sizes}
-    e.graph.nodes.append(gs.Node("Split", e.namer(base + "/wino_split"), attrs, inputs, parts))
-    prods = [e.binary("MatMul", part, e.const(f"{base}/wino_u{q}", u[q]),
-                      [n, 1, n_t, c_out], f"{base}/wino_gemm{q}")
-             for q, part in enumerate(parts)]
-    mprod = e.concat(prods, 1, [n, p, n_t, c_out], base + "/wino_m")
-    y = transform(mprod, t.at, n_t * c_out, "wino_at")
+        bt_c, at_c = (e.const(f"{base}/{tag}", wg.kron_power(mat, d).astype(dtype))
+                      for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at)))
+    u = wg.weight_transform(weight, t).astype(dtype)               # (a^d, C_in, C_out)
+    u_c = [e.const(f"{base}/wino_u{q}", u[q]) for q in range(p)]
+
+    def transform(v, k, rows, a, cols, tag):
+        """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
+        if not sep:
+            flat = e.reshape(v, [-1, a ** d, cols], [n, a ** d, cols], f"{tag}_in")
+            return e.binary("MatMul", k, flat, [n, rows ** d, cols], tag)
+        v1 = e.reshape(v, [-1, a, a * cols], [n, a, a * cols], f"{tag}_in")
+        h = e.binary("MatMul", k, v1, [n, rows, a * cols], f"{tag}_rows")
+        h4 = e.reshape(h, [-1, rows, a, cols], [n, rows, a, cols], f"{tag}_mid")
+        return e.binary("MatMul", k, h4, [n, rows, rows, cols], f"{tag}_cols")
+
+    def chunk(lo: int, hi: int, tag: str) -> gs.Variable:
+        """Tiles ``lo … hi − 1``: gather, transform, GEMMs, transform → (N, m^d, T_c, C_out)."""
+        tc = hi - lo
+        tiles = e.gather(src, idx[:, lo:hi], [n, p, tc, c_in], tag + "/wino_tiles")
+        v = transform(tiles, bt_c, t.a, t.a, tc * c_in, tag + "/wino_bt")
+        v4 = e.reshape(v, [-1, p, tc, c_in], [n, p, tc, c_in], tag + "/wino_v")
+        parts = [gs.Variable(e.namer(f"{tag}/wino_v{q}"), dtype=dtype, shape=[n, 1, tc, c_in])
+                 for q in range(p)]
+        if e.opset >= 13:
+            inputs, attrs = [v4, e.ints(tag + "/wino_split", [1] * p)], {"axis": 1}
+        else:
+            inputs, attrs = [v4], {"axis": 1, "split": [1] * p}
+        e.graph.nodes.append(gs.Node("Split", e.namer(tag + "/wino_split"), attrs, inputs, parts))
+        prods = [e.binary("MatMul", part, u_c[q], [n, 1, tc, c_out], f"{tag}/wino_gemm{q}")
+                 for q, part in enumerate(parts)]
+        mprod = e.concat(prods, 1, [n, p, tc, c_out], tag + "/wino_m")
+        y = transform(mprod, at_c, m, t.a, tc * c_out, tag + "/wino_at")
+        return e.reshape(y, [-1, mm_, tc, c_out], [n, mm_, tc, c_out], tag + "/wino_y")
+
+    bounds = low.chunk_bounds(n_t, p * c_in * dtype.itemsize, _CHUNK_BYTES)
+    ys = [chunk(lo, hi, f"{base}/c{i}" if len(bounds) > 1 else base)
+          for i, (lo, hi) in enumerate(bounds)]
+    y = ys[0] if len(ys) == 1 else e.concat(ys, 2, [n, mm_, n_t, c_out], base + "/wino_concat")
     b = None
     if bias is not None and np.any(bias):
         b = e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(dtype))

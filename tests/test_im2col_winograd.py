@@ -138,3 +138,12 @@ def test_numerics_gate_refuses_f4(monkeypatch):
 def test_unknown_conv_algo_is_a_user_error():
     with pytest.raises(LoweringError, match="conv algorithm"):
         lower(conv_model(2, 2, (5, 5), (1, 1, 1, 1)), form="im2col", conv_algo="fft")
+
+
+def test_tiles_in_chunks(monkeypatch):
+    """Many tiles are lowered in chunks (each Gather … output transform), then concatenated."""
+    monkeypatch.setattr(iw, "_CHUNK_BYTES", 1)
+    model = conv_model(4, 5, (41, 38), (1, 1, 1, 1), residual=True, batch=2)
+    _check(model, "winograd")
+    lowered, _ = lower(model, form="im2col", conv_algo="winograd")
+    assert sum(n.op_type == "Split" for n in lowered.graph.node) > 1

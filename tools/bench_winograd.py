@@ -18,6 +18,11 @@ take the channels-last rows ``(1, S, C_in)`` the im2col form carries and give ``
   ``gemm``: ``batched`` = one 3-D MatMul against ``U`` (a², C_in, C_out); ``split`` = Split into
   a² rows blocks and a² 2-D MatMuls with ``U[p]`` as input 1 (onnxruntime prepacks those), Concat.
 
+``--models a.onnx …``: whole networks instead, each lowered twice to the im2col form,
+``conv_algo="im2col"`` (A) and ``"auto"`` (B), both validated against the original, then timed
+A/B interleaved with :func:`onnx_lower.benchmark.benchmark`: the ratio B/A is Winograd's gain
+alone, free of the native baseline's noise.
+
 The native model is the ONNX Conv on ``(1, C, H, W)``. Every variant is checked against it first,
 then all are timed round-robin (interleaved) in one process, 1 thread; medians and ratios to
 native are printed as a Markdown table.
@@ -195,12 +200,43 @@ def bench_layer(name: str, variants, repeat: int, seed: int = 0) -> list[float]:
     return _paired(runs, repeat)
 
 
+def bench_models(paths, repeat: int, threads: int) -> None:
+    import onnx
+
+    from onnx_lower.api import lower
+    from onnx_lower.benchmark import benchmark
+    from onnx_lower.validate import validate
+
+    print(f"\n| model ({threads}T) | im2col ms | auto ms | auto / im2col | paired | "
+          "winograd convs | scaled err auto |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for path in paths:
+        original = onnx.load(path)
+        a, _ = lower(original, form="im2col", conv_algo="im2col")
+        b, rep = lower(original, form="im2col", conv_algo="auto")
+        check = validate(original, b, rtol=1e-4, atol=1e-4, samples=2)
+        err = max(o.scaled_err for o in check.outputs)
+        wino = sum(c["algo"].startswith("winograd") for c in rep.notes.get("conv_algos", []))
+        r = benchmark(a, b, threads=threads, repeat=repeat, warmup=3,
+                      labels=("im2col", "auto"))
+        print(f"| {Path(path).stem} | {r.a.median * 1e3:.2f} | {r.b.median * 1e3:.2f} | "
+              f"{r.ratio:.3f} | {r.paired_ratio:.3f} | {wino} | {err:.1e} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma list of " + ", ".join(LAYERS))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
     ap.add_argument("--repeat", type=int, default=20, help="timed rounds (default 20)")
+    ap.add_argument("--models", nargs="*", help="whole ONNX networks: auto vs im2col (see above)")
+    ap.add_argument("--threads", type=int, default=1, help="threads for --models (default 1)")
     args = ap.parse_args(argv)
+    if args.models:
+        info = machine_info()
+        print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime "
+              f"{info['onnxruntime']}; {info['date']}; batch 1, {args.repeat} interleaved runs")
+        bench_models(args.models, args.repeat, args.threads)
+        return 0
     layers, variants = args.layers.split(","), args.variants.split(",")
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
