@@ -154,7 +154,8 @@ def choose(conv_algo: str, weight: np.ndarray, out_shape, strides, dilations,
         reason = "--conv-algo winograd"
     else:
         algo = min(est, key=est.get)
-        reason = f"cheapest by the cost model ({est[algo]:.3g} ms est.)"
+        others = ", ".join(f"{k} {v:.3g}" for k, v in est.items() if k != algo)
+        reason = f"cheapest by the cost model: {est[algo]:.3g} ms est. (vs {others})"
     if err is not None and err > ERROR_GATE:
         reason += f"; F(4,3) refused: probe error {err:.1e} > {ERROR_GATE:g}"
     m = int(algo[-1]) if algo.startswith("winograd") else None
