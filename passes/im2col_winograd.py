@@ -188,6 +188,13 @@ def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> 
                       for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at)))
     u = wg.weight_transform(weight, t).astype(dtype)               # (a^d, C_in, C_out)
     u_c = [e.const(f"{base}/wino_u{q}", u[q]) for q in range(p)]
+    b = None
+    if bias is not None and np.any(bias):
+        b = e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(dtype))
+    # Column (1, …, 1) of Aᵀ_d is all ones (Aᵀ's column 1 is, for F(2,3) and F(4,3)), so the bias
+    # added to that one position's GEMM reaches every output: Aᵀ(M + e_q b) = AᵀM + b.
+    q_bias = sum(t.a ** i for i in range(d))
+    assert np.all(wg.kron_power(t.at, d)[:, q_bias] == 1)
 
     def transform(v, k, rows, a, cols, tag):
         """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
@@ -214,6 +221,8 @@ def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> 
         e.graph.nodes.append(gs.Node("Split", e.namer(tag + "/wino_split"), attrs, inputs, parts))
         prods = [e.binary("MatMul", part, u_c[q], [n, 1, tc, c_out], f"{tag}/wino_gemm{q}")
                  for q, part in enumerate(parts)]
+        if b is not None:
+            prods[q_bias] = e.binary("Add", prods[q_bias], b, [n, 1, tc, c_out], tag + "/bias")
         mprod = e.concat(prods, 1, [n, p, tc, c_out], tag + "/wino_m")
         y = transform(mprod, at_c, m, t.a, tc * c_out, tag + "/wino_at")
         return e.reshape(y, [-1, mm_, tc, c_out], [n, mm_, tc, c_out], tag + "/wino_y")
@@ -222,19 +231,14 @@ def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> 
     ys = [chunk(lo, hi, f"{base}/c{i}" if len(bounds) > 1 else base)
           for i, (lo, hi) in enumerate(bounds)]
     y = ys[0] if len(ys) == 1 else e.concat(ys, 2, [n, mm_, n_t, c_out], base + "/wino_concat")
-    b = None
-    if bias is not None and np.any(bias):
-        b = e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(dtype))
     rows_idx = wg.output_rows(grid, "tap")
     if isinstance(n, (int, np.integer)) and n == 1:
         y2 = e.reshape(y, [mm_ * n_t, c_out], [mm_ * n_t, c_out], base + "/wino_rows")
         out = e.gather(y2, rows_idx, [s_out, c_out], base + "/wino_out", axis=0)
-        shape = [s_out, c_out]
     else:
         y3 = e.reshape(y, [-1, mm_ * n_t, c_out], [n, mm_ * n_t, c_out], base + "/wino_rows")
         out = e.gather(y3, rows_idx, [n, s_out, c_out], base + "/wino_out", axis=1)
-        shape = [n, s_out, c_out]
-    return out if b is None else e.binary("Add", out, b, shape, base + "/bias")
+    return out
 
 
 def lower_conv(low, node: gs.Node, x_t: gs.Tensor, weight: np.ndarray, bias, strides,
