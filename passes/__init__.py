@@ -8,7 +8,8 @@ linear         BatchNorm, Gemm, MatMul, elementwise-with-constant, data movement
 activations    LeakyRelu, PRelu, Clip, Abs, Max/Min → Relu + Affine; the mlp form check
 fold           cost-aware folding of Affine chains
 emit           Affine → MatMul/Add on flat vectors; Reshape/Flatten round trips removed
-im2col         conv/pool → Gather + MatMul on channels-last activations
+im2col/        conv/pool → Gather + MatMul on channels-last activations (a package: layout,
+               conv, grouped, pools, elementwise, cost, fold, lowering)
 =============  ==========================================================================
 """
 

@@ -34,6 +34,7 @@ def test_wheel_has_no_top_level_passes(wheel: Path) -> None:
     assert tops == {"onnx_lower"}, tops
     assert "onnx_lower/passes/__init__.py" in names
     assert "onnx_lower/passes/conv.py" in names
+    assert "onnx_lower/passes/im2col/conv.py" in names  # the im2col package
 
 
 def test_passes_import_under_the_package_name() -> None:

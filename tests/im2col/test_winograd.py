@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lower.api import lower
 from onnx_lower.errors import LoweringError
-from onnx_lower.passes import im2col_winograd as iw
+from onnx_lower.passes.im2col import winograd as iw
 from tests.oracles import check_ops, run_model
 
 HYP = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""Winograd convs in the im2col form, and the per-layer choice of conv algorithm (issue 13).
+"""Winograd convs in the im2col form, and the per-conv choice among its algorithms (issue 13).
 
 Math (:mod:`onnx_lower.winograd`): a 3×3 (or 3-tap) stride-1 conv, groups 1, as F(m, 3) on
 channels-last rows ``x`` ``(N, S, C)`` (``a = m + 2``, ``d`` spatial axes, ``T`` tiles)::
@@ -55,9 +55,12 @@ import onnx_graphsurgeon as gs
 from onnx_lower import winograd as wg
 from onnx_lower.errors import LoweringError
 from onnx_lower.pass_manager import CONV_ALGOS
+from onnx_lower.windows import resolve_pads
 
-__all__ = ["CONV_ALGOS", "ERROR_GATE", "ConvChoice", "eligible", "estimate_ms", "choose",
-           "emit_winograd"]
+from . import cost
+from .layout import CL
+
+__all__ = ["ERROR_GATE", "ConvChoice", "WinogradOps", "eligible", "estimate_ms", "choose"]
 
 #: Largest float32 scaled error (probe) a layer may have to get F(4,3). The validation default
 #: is rtol 1e-4 for the whole network; a deep net stacks ~20 such layers.
@@ -85,6 +88,8 @@ class ConvChoice:
     m: int | None = None
     estimates: dict[str, float] = dataclasses.field(default_factory=dict)
     probe_error: float | None = None
+    pads: tuple[int, ...] = ()
+    kernel: tuple[int, ...] = ()
 
     def to_note(self, name: str) -> dict:
         return {"name": name, "algo": self.algo, "reason": self.reason,
@@ -162,103 +167,95 @@ def choose(conv_algo: str, weight: np.ndarray, out_shape, strides, dilations,
     return ConvChoice(algo, reason, m, est, err)
 
 
-def emit_winograd(low, x, weight: np.ndarray, bias, pads, m: int, base: str) -> gs.Variable:
-    """Emit F(m, 3) for channels-last ``x`` (a ``CL`` of ``low``, an im2col ``_Lowering``).
+class WinogradOps:
+    """The conv mixin of :class:`.lowering.Lowering` for F(m, 3): the choice and the emission."""
 
-    ``pads``: explicit ONNX pads (begins, then ends). Returns ``(N·S_out, C_out)`` rows when the
-    batch is 1, else ``(N, S_out, C_out)``.
-    """
-    e, dtype = low.e, x.dtype
-    c_out, c_in = weight.shape[:2]
-    t = wg.transform(m, 3)
-    grid = wg.tile_grid(x.spatial, pads, m, 3)
-    d, n, n_t = grid.rank, x.batch, grid.n_tiles
-    p, mm_ = t.a ** d, m ** d
-    s_out = math.prod(grid.out_shape)
-    taps = grid.taps.T                                               # (a^d, T)
-    zero = bool((taps < 0).any())
-    src = low.source(low.t3(x), zero, base)
-    idx = np.where(taps >= 0, taps, x.s)
-    sep = d == 2 and m == 4
-    if sep:
-        bt_c, at_c = (e.const(f"{base}/{tag}", mat.astype(dtype))
-                      for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at)))
-    else:
-        bt_c, at_c = (e.const(f"{base}/{tag}", wg.kron_power(mat, d).astype(dtype))
-                      for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at)))
-    u = wg.weight_transform(weight, t).astype(dtype)               # (a^d, C_in, C_out)
-    u_c = [e.const(f"{base}/wino_u{q}", u[q]) for q in range(p)]
-    b = None
-    if bias is not None and np.any(bias):
-        b = e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(dtype))
-    # Column (1, …, 1) of Aᵀ_d is all ones (Aᵀ's column 1 is, for F(2,3) and F(4,3)), so the bias
-    # added to that one position's GEMM reaches every output: Aᵀ(M + e_q b) = AᵀM + b.
-    q_bias = sum(t.a ** i for i in range(d))
-    assert np.all(wg.kron_power(t.at, d)[:, q_bias] == 1)
-
-    def transform(v, k, rows, a, cols, tag):
-        """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
-        if not sep:
-            flat = e.reshape(v, [-1, a ** d, cols], [n, a ** d, cols], f"{tag}_in")
-            return e.binary("MatMul", k, flat, [n, rows ** d, cols], tag)
-        v1 = e.reshape(v, [-1, a, a * cols], [n, a, a * cols], f"{tag}_in")
-        h = e.binary("MatMul", k, v1, [n, rows, a * cols], f"{tag}_rows")
-        h4 = e.reshape(h, [-1, rows, a, cols], [n, rows, a, cols], f"{tag}_mid")
-        return e.binary("MatMul", k, h4, [n, rows, rows, cols], f"{tag}_cols")
-
-    def chunk(lo: int, hi: int, tag: str) -> gs.Variable:
-        """Tiles ``lo … hi − 1``: gather, transform, GEMMs, transform → (N, m^d, T_c, C_out)."""
-        tc = hi - lo
-        tiles = e.gather(src, idx[:, lo:hi], [n, p, tc, c_in], tag + "/wino_tiles")
-        v = transform(tiles, bt_c, t.a, t.a, tc * c_in, tag + "/wino_bt")
-        v4 = e.reshape(v, [-1, p, tc, c_in], [n, p, tc, c_in], tag + "/wino_v")
-        parts = [gs.Variable(e.namer(f"{tag}/wino_v{q}"), dtype=dtype, shape=[n, 1, tc, c_in])
-                 for q in range(p)]
-        if e.opset >= 13:
-            inputs, attrs = [v4, e.ints(tag + "/wino_split", [1] * p)], {"axis": 1}
+    def conv_choice(self, node: gs.Node, x: CL, weight: np.ndarray, strides, dilations,
+                    group: int, pads, auto_pad) -> ConvChoice:
+        """The algorithm of one Conv (see the module docstring), noted for the report."""
+        kernel = tuple(weight.shape[2:])
+        pads = resolve_pads(x.spatial, kernel, strides, dilations, pads, auto_pad)
+        name = node.name or node.outputs[0].name
+        if all(k == 1 for k in kernel) and not any(pads):
+            choice = ConvChoice("matmul" if all(s == 1 for s in strides) else "im2col",
+                                "1×1 conv: one MatMul on the (strided) rows")
         else:
-            inputs, attrs = [v4], {"axis": 1, "split": [1] * p}
-        e.graph.nodes.append(gs.Node("Split", e.namer(tag + "/wino_split"), attrs, inputs, parts))
-        prods = [e.binary("MatMul", part, u_c[q], [n, 1, tc, c_out], f"{tag}/wino_gemm{q}")
-                 for q, part in enumerate(parts)]
-        if b is not None:
-            prods[q_bias] = e.binary("Add", prods[q_bias], b, [n, 1, tc, c_out], tag + "/bias")
-        mprod = e.concat(prods, 1, [n, p, tc, c_out], tag + "/wino_m")
-        y = transform(mprod, at_c, m, t.a, tc * c_out, tag + "/wino_at")
-        return e.reshape(y, [-1, mm_, tc, c_out], [n, mm_, tc, c_out], tag + "/wino_y")
+            out_shape = tuple(n + pads[i] + pads[len(kernel) + i] - k + 1
+                              for i, (n, k) in enumerate(zip(x.spatial, kernel)))
+            choice = choose(getattr(self.model.options, "conv_algo", "auto"), weight,
+                            out_shape, strides, dilations, group)
+        self.model.note("conv_algos", choice.to_note(name))
+        return dataclasses.replace(choice, pads=tuple(pads), kernel=kernel)
 
-    bounds = low.chunk_bounds(n_t, p * c_in * dtype.itemsize, _CHUNK_BYTES)
-    ys = [chunk(lo, hi, f"{base}/c{i}" if len(bounds) > 1 else base)
-          for i, (lo, hi) in enumerate(bounds)]
-    y = ys[0] if len(ys) == 1 else e.concat(ys, 2, [n, mm_, n_t, c_out], base + "/wino_concat")
-    rows_idx = wg.output_rows(grid, "tap")
-    if isinstance(n, (int, np.integer)) and n == 1:
-        y2 = e.reshape(y, [mm_ * n_t, c_out], [mm_ * n_t, c_out], base + "/wino_rows")
-        out = e.gather(y2, rows_idx, [s_out, c_out], base + "/wino_out", axis=0)
-    else:
+    def emit_winograd(self, x: CL, wg_: np.ndarray, b: gs.Constant | None, plan, out_t,
+                      base: str, choice: ConvChoice) -> gs.Variable:
+        """F(m, 3) for channels-last ``x`` with weights ``(1, K, C, M)`` (``plan`` unused: the
+        tiles have their own gather table). Returns ``(N·S_out, C_out)`` rows when the batch is
+        1, else ``(N, S_out, C_out)``."""
+        e, dtype, m = self.e, x.dtype, choice.m
+        _, _, c_in, c_out = wg_.shape
+        weight = wg_[0].transpose(2, 1, 0).reshape(c_out, c_in, *choice.kernel)
+        t = wg.transform(m, 3)
+        grid = wg.tile_grid(x.spatial, choice.pads, m, 3)
+        d, n, n_t = grid.rank, x.batch, grid.n_tiles
+        p, mm_ = t.a ** d, m ** d
+        s_out = math.prod(grid.out_shape)
+        taps = grid.taps.T                                           # (a^d, T)
+        src = self.source(self.t3(x), bool((taps < 0).any()), base)
+        idx = np.where(taps >= 0, taps, x.s)
+        sep = d == 2 and m == 4
+        mats = {tag: (mat if sep else wg.kron_power(mat, d)).astype(dtype)
+                for tag, mat in (("wino_bt", t.bt), ("wino_at", t.at))}
+        bt_c, at_c = (e.const(f"{base}/{tag}", v) for tag, v in mats.items())
+        u = wg.weight_transform(weight, t).astype(dtype)           # (a^d, C_in, C_out)
+        u_c = [e.const(f"{base}/wino_u{q}", u[q]) for q in range(p)]
+        # Column (1, …, 1) of Aᵀ_d is all ones (Aᵀ's column 1 is, for F(2,3) and F(4,3)), so
+        # the bias added to that one position's GEMM reaches every output:
+        # Aᵀ(M + e_q b) = AᵀM + b.
+        q_bias = sum(t.a ** i for i in range(d))
+        assert np.all(wg.kron_power(t.at, d)[:, q_bias] == 1)
+
+        def transform(v, k, rows, a, cols, tag):
+            """``kron_power(mat, d) @ v`` on ``(N, a^d, cols)`` → ``(N, rows^d, cols)``."""
+            if not sep:
+                flat = e.reshape(v, [-1, a ** d, cols], [n, a ** d, cols], f"{tag}_in")
+                return e.binary("MatMul", k, flat, [n, rows ** d, cols], tag)
+            v1 = e.reshape(v, [-1, a, a * cols], [n, a, a * cols], f"{tag}_in")
+            h = e.binary("MatMul", k, v1, [n, rows, a * cols], f"{tag}_rows")
+            h4 = e.reshape(h, [-1, rows, a, cols], [n, rows, a, cols], f"{tag}_mid")
+            return e.binary("MatMul", k, h4, [n, rows, rows, cols], f"{tag}_cols")
+
+        def chunk(lo: int, hi: int, tag: str) -> gs.Variable:
+            """Tiles ``lo … hi − 1``: gather, transform, GEMMs, transform → (N, m^d, T_c, M)."""
+            tc = hi - lo
+            tiles = e.gather(src, idx[:, lo:hi], [n, p, tc, c_in], tag + "/wino_tiles")
+            v = transform(tiles, bt_c, t.a, t.a, tc * c_in, tag + "/wino_bt")
+            v4 = e.reshape(v, [-1, p, tc, c_in], [n, p, tc, c_in], tag + "/wino_v")
+            parts = [gs.Variable(e.namer(f"{tag}/wino_v{q}"), dtype=dtype,
+                                 shape=[n, 1, tc, c_in]) for q in range(p)]
+            if e.opset >= 13:
+                inputs, attrs = [v4, e.ints(tag + "/wino_split", [1] * p)], {"axis": 1}
+            else:
+                inputs, attrs = [v4], {"axis": 1, "split": [1] * p}
+            e.graph.nodes.append(gs.Node("Split", e.namer(tag + "/wino_split"), attrs, inputs,
+                                         parts))
+            prods = [e.binary("MatMul", part, u_c[q], [n, 1, tc, c_out], f"{tag}/wino_gemm{q}")
+                     for q, part in enumerate(parts)]
+            if b is not None:
+                prods[q_bias] = e.binary("Add", prods[q_bias], b, [n, 1, tc, c_out],
+                                         tag + "/bias")
+            mprod = e.concat(prods, 1, [n, p, tc, c_out], tag + "/wino_m")
+            y = transform(mprod, at_c, m, t.a, tc * c_out, tag + "/wino_at")
+            return e.reshape(y, [-1, mm_, tc, c_out], [n, mm_, tc, c_out], tag + "/wino_y")
+
+        bounds = cost.chunk_bounds(n_t, p * c_in * dtype.itemsize, _CHUNK_BYTES)
+        ys = [chunk(lo, hi, f"{base}/c{i}" if len(bounds) > 1 else base)
+              for i, (lo, hi) in enumerate(bounds)]
+        y = ys[0] if len(ys) == 1 else e.concat(ys, 2, [n, mm_, n_t, c_out],
+                                                base + "/wino_concat")
+        rows_idx = wg.output_rows(grid, "tap")
+        if isinstance(n, (int, np.integer)) and n == 1:
+            y2 = e.reshape(y, [mm_ * n_t, c_out], [mm_ * n_t, c_out], base + "/wino_rows")
+            return e.gather(y2, rows_idx, [s_out, c_out], base + "/wino_out", axis=0)
         y3 = e.reshape(y, [-1, mm_ * n_t, c_out], [n, mm_ * n_t, c_out], base + "/wino_rows")
-        out = e.gather(y3, rows_idx, [n, s_out, c_out], base + "/wino_out", axis=1)
-    return out
-
-
-def lower_conv(low, node: gs.Node, x_t: gs.Tensor, weight: np.ndarray, bias, strides,
-               dilations, group: int, pads, auto_pad) -> gs.Variable | None:
-    """The im2col pass's hook: note the conv's algorithm; emit it if it is Winograd, else None."""
-    from onnx_lower.windows import resolve_pads
-
-    x = low.cl_view(x_t)
-    kernel = tuple(weight.shape[2:])
-    pads = resolve_pads(x.spatial, kernel, strides, dilations, pads, auto_pad)
-    name = node.name or node.outputs[0].name
-    if all(k == 1 for k in kernel) and not any(pads):
-        choice = ConvChoice("matmul" if all(s == 1 for s in strides) else "im2col",
-                            "1×1 conv: one MatMul on the (strided) rows")
-    else:
-        out_shape = tuple(n + pads[i] + pads[len(kernel) + i] - k + 1
-                          for i, (n, k) in enumerate(zip(x.spatial, kernel)))
-        choice = choose(getattr(low.model.options, "conv_algo", "auto"), weight, out_shape,
-                        strides, dilations, group)
-    low.model.note("conv_algos", choice.to_note(name))
-    if choice.m is None:
-        return None
-    return emit_winograd(low, low.to_cl(x_t), weight, bias, pads, choice.m, name)
+        return e.gather(y3, rows_idx, [n, s_out, c_out], base + "/wino_out", axis=1)
