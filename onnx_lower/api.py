@@ -53,7 +53,7 @@ def lower(
 
     ``conv_algo`` (im2col form): ``auto`` picks im2col, F(2,3) or F(4,3) Winograd per conv by
     a cost model, ``im2col`` never uses Winograd, ``winograd`` uses it wherever it applies
-    (see :mod:`onnx_lower.passes.im2col_winograd`).
+    (see :mod:`onnx_lower.passes.im2col.winograd`).
 
     Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """

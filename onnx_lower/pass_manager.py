@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-#: Values of ``Options.conv_algo`` / ``--conv-algo`` (:mod:`onnx_lower.passes.im2col_winograd`).
+#: Values of ``Options.conv_algo`` / ``--conv-algo`` (:mod:`onnx_lower.passes.im2col.winograd`).
 CONV_ALGOS = ("auto", "im2col", "winograd")
 
 

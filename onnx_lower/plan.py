@@ -57,7 +57,7 @@ class Plan:
     im2col_bytes: int | None = None
     im2col_index_bytes: int | None = None
     #: the im2col form's algorithm per conv (``{name, algo, reason, estimated_ms, probe_error}``,
-    #: :mod:`onnx_lower.passes.im2col_winograd`), when the plan picked im2col
+    #: :mod:`onnx_lower.passes.im2col.winograd`), when the plan picked im2col
     conv_algos: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
