@@ -10,8 +10,16 @@ it beyond :data:`DENSE_ABOVE` of its entries: then a dense ndarray is smaller (8
 entry against CSR's 12 per nonzero) and multiplies faster.
 
 The output tensor keeps its logical per-sample shape ``out_shape``, so a Reshape or Flatten
-between Affine nodes costs nothing. Matrices are composed in float64 and cast to the model's
-float type once, at emission.
+between Affine nodes costs nothing.
+
+**Whole-tensor maps.** When a graph's axis 0 is static and some op mixes it (a Transpose moving
+axis 0, a Gemm with ``transA``, a Reshape of ``(1, 8, 4, 4)`` to ``(128,)``, ...), the sample is
+the whole tensor: a map with ``whole=True`` reads and writes the C-order flattening of the whole
+tensor, batch included, and ``out_shape`` is the full shape. A per-sample map ``A`` over a tensor
+whose axis 0 has ``n`` entries is the whole-tensor map ``I_n ⊗ A`` (:func:`whole_tensor`), since
+the flattening of ``(n, *sample)`` is the concatenation of the ``n`` sample vectors.
+
+Matrices are composed in float64 and cast to the model's float type once, at emission.
 
 Most data-movement ops are *index maps*: each output element copies one input element or a fill
 value. :func:`index_map` builds their matrices by running the op's numpy equivalent on an array of
@@ -50,6 +58,7 @@ __all__ = [
     "as_term",
     "to_dense",
     "DENSE_ABOVE",
+    "whole_tensor",
 ]
 
 AFFINE_OP = "Affine"
@@ -68,6 +77,8 @@ class AffineMap:
     bias: np.ndarray | None
     out_shape: tuple[int, ...]
     sources: tuple[str, ...] = ()
+    #: True: the vectors are whole tensors (batch included), ``out_shape`` is the full shape.
+    whole: bool = False
 
     def __post_init__(self):
         self.terms = [as_term(t) for t in self.terms]
@@ -98,15 +109,18 @@ class AffineMap:
         return sum(t.size if isinstance(t, np.ndarray) else t.nnz for t in self.terms)
 
     def apply(self, xs: Sequence[np.ndarray]) -> np.ndarray:
-        """Reference evaluation on batched inputs ``(N, in_size_i)`` (tests and debugging)."""
-        y = sum(np.asarray(t @ x.reshape(len(x), -1).T).T for t, x in zip(self.terms, xs))
+        """Reference evaluation on batched inputs ``(N, in_size_i)`` (tests and debugging); a
+        whole-tensor map takes each input whole and returns the full output shape."""
+        rows = (lambda x: x.reshape(1, -1)) if self.whole else (lambda x: x.reshape(len(x), -1))
+        y = sum(np.asarray(t @ rows(x).T).T for t, x in zip(self.terms, xs))
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(-1, *self.out_shape)
+        return y.reshape(self.out_shape if self.whole else (-1, *self.out_shape))
 
     def summary(self) -> str:
         ins = ",".join(str(n) for n in self.in_sizes)
-        return f"Affine(in=[{ins}], out={list(self.out_shape)}, nnz={self.nnz})"
+        kind = ", whole-tensor" if self.whole else ""
+        return f"Affine(in=[{ins}], out={list(self.out_shape)}, nnz={self.nnz}{kind})"
 
     def label(self, name: str) -> str:
         return layer_label(name, self.sources)
@@ -198,7 +212,9 @@ def replace_with_affine(
 ) -> gs.Node:
     """Replace single-output ``node`` by an Affine node that produces the same tensor."""
     out = node.outputs[0]
-    if out.shape is None or len(out.shape) != 1 + len(amap.out_shape):
+    if amap.whole:
+        out.shape = list(amap.out_shape)
+    elif out.shape is None or len(out.shape) != 1 + len(amap.out_shape):
         batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
         out.shape = [batch, *amap.out_shape]
     if out.dtype is None:
@@ -292,6 +308,8 @@ def compose(
     inner_inputs: Sequence[gs.Tensor],
 ) -> tuple[AffineMap, list[gs.Tensor]]:
     """Substitute ``inner`` for input ``k`` of ``outer``; terms that read one tensor merge."""
+    if outer.whole != inner.whole:
+        raise ValueError("compose needs two per-sample or two whole-tensor maps")
     a_k = outer.terms[k]
     inputs: list[gs.Tensor] = []
     terms: list[sp.csr_matrix] = []
@@ -318,4 +336,17 @@ def compose(
             term.eliminate_zeros()
             term.sort_indices()
     sources = tuple(dict.fromkeys(inner.sources + outer.sources))
-    return AffineMap(terms, bias, outer.out_shape, sources), inputs
+    return AffineMap(terms, bias, outer.out_shape, sources, outer.whole), inputs
+
+
+def whole_tensor(amap: AffineMap, n: int) -> AffineMap:
+    """The per-sample ``amap`` over ``n`` samples as one whole-tensor map: ``I_n ⊗ A_i``.
+
+    The bias repeats once per sample and ``out_shape`` gains the leading ``n``.
+    """
+    if amap.whole:
+        return amap
+    eye = identity(n)
+    terms = [as_term(sp.kron(eye, t, format="csr")) for t in amap.terms]
+    bias = None if amap.bias is None else np.tile(amap.bias, n)
+    return AffineMap(terms, bias, (n, *amap.out_shape), amap.sources, whole=True)

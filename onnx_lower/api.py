@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import onnx
 
-from . import cost
+from . import cost, gates
 from . import graph as g
 from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
@@ -48,6 +48,7 @@ def lower(
     verify_each: bool = False,
     dump_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
+    ort_check: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
 
@@ -55,7 +56,9 @@ def lower(
     a cost model, ``im2col`` never uses Winograd, ``winograd`` uses it wherever it applies
     (see :mod:`onnx_lower.passes.im2col.winograd`).
 
-    Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
+    The input gate (:mod:`onnx_lower.gates`) runs first: the full ONNX checker and, unless
+    ``ort_check`` is False, an onnxruntime load. Raises a
+    :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
@@ -64,6 +67,7 @@ def lower(
                             f"{', '.join(CONV_ALGOS)}")
     start = time.perf_counter()
     source = _Source(model)
+    gate_s = _input_gate(source, ort_check)
     before = model_stats(source.proto())  # also feeds the auto plan its MAC count
     loaded = time.perf_counter()
     options = Options(
@@ -101,13 +105,33 @@ def lower(
             "sparse_storage": sparse_storage,
             "conv_algo": conv_algo,
             "passes": list(passes) if passes else None,
+            "ort_check": ort_check,
         },
         notes=notes,
-        timings={"load_s": loaded - start, "lower_s": done - loaded},
+        timings={"load_s": loaded - start - gate_s, "input_gate_s": gate_s,
+                 "lower_s": done - loaded},
         input=str(model) if not isinstance(model, onnx.ModelProto) else None,
         regions=regions,
     )
     return lowered, report
+
+
+def _input_gate(source: _Source, ort_check: bool) -> float:
+    """Run the input gate on ``source``; return its seconds.
+
+    From a path, the proto is dropped while onnxruntime loads the file and read again after,
+    so the two copies of the weights are never resident together.
+    """
+    start = time.perf_counter()
+    where = f"'{source.path}'" if source.path is not None else "the model"
+    gates.check_input(source.proto(), where=where)
+    if ort_check:
+        if source.path is not None:
+            source.forget()
+            gates.check_input_loads(source.path, where=where)
+        else:
+            gates.check_input_loads(source.proto(), where=where)
+    return time.perf_counter() - start
 
 
 def _lower_auto(
@@ -280,12 +304,19 @@ class _Source:
 
     def __init__(self, model: ModelSource):
         self.path = None if isinstance(model, onnx.ModelProto) else model
-        self._proto: onnx.ModelProto | None = load_model(model)
+        # the input gate runs the full checker
+        self._proto: onnx.ModelProto | None = load_model(model, check=False)
 
     def proto(self) -> onnx.ModelProto:
         if self._proto is None:
-            self._proto = load_model(self.path)
+            self._proto = load_model(self.path, check=False)
         return self._proto
+
+    def forget(self) -> None:
+        """Drop a proto loaded from a path (:meth:`proto` loads it again)."""
+        if self.path is not None:
+            self._proto = None
+            gc.collect()
 
     def take(self) -> tuple[onnx.ModelProto, bool]:
         """The proto, and whether the caller may free it (this source forgets it)."""
@@ -347,9 +378,13 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     for n in model.graph.node:
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
         counts[key] = counts.get(key, 0) + 1
+    neurons = cost.count_neurons(model)
     return ModelStats(
         ops=dict(sorted(counts.items())),
         nodes=len(model.graph.node),
         weight_bytes=cost.weight_bytes(model),
         macs=cost.count_macs(model),
+        relu_neurons=neurons["relu"],
+        max_neurons=neurons["max"],
+        piecewise_neurons=neurons["piecewise"],
     )

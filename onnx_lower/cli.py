@@ -7,6 +7,7 @@ pass broke the model: please report it). A user's mistake never shows a tracebac
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
 #: Schema of the ``--dry-run --report`` document.
-PLAN_SCHEMA = "onnx_lower.plan/1.2"
+PLAN_SCHEMA = "onnx_lower.plan/1.3"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the plan (form, emitted bytes and MACs per layer); write no model",
     )
     g = p.add_argument_group("validation and benchmarking")
-    g.add_argument("--validate", action="store_true", help="compare outputs with onnxruntime")
+    g.add_argument(
+        "--validate",
+        action="store_true",
+        help="compare outputs with onnxruntime (the default; kept as a no-op alias)",
+    )
+    g.add_argument(
+        "--no-validate", action="store_true", help="skip the numerical comparison (on by default)"
+    )
+    g.add_argument(
+        "--no-ort-check",
+        action="store_true",
+        help="skip the input gate's onnxruntime load (for models too large to load twice)",
+    )
     g.add_argument("--benchmark", action="store_true", help="time original vs lowered (CPU)")
     g.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
     g.add_argument("--batch", type=int, default=1, help="value for a dynamic batch dimension")
@@ -112,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .api import lower
-    from .model_io import save_model
+    from .gates import check_output
+    from .model_io import stage_model
     from .pass_manager import registered_passes
     from .pipelines import load_passes
 
@@ -128,7 +142,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _dry_run(args)
     input_range = _range(args.input_range)  # before any work: a typo must not leave an output
     given_inputs = None
-    if args.validate and args.inputs:
+    validating = not args.no_validate
+    if validating and args.inputs:
         from .validate import load_inputs
 
         given_inputs = load_inputs(args.inputs, args.input)
@@ -144,31 +159,29 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         verify_each=args.verify_each,
         dump_dir=args.dump_after,
         progress=progress,
+        ort_check=not args.no_ort_check,
     )
     progress.done()
     start = time.perf_counter()
-    save_model(lowered, args.output, input_path=args.input, external_data=args.external_data)
-    report.timings["save_s"] = time.perf_counter() - start
+    staged = stage_model(
+        lowered, args.output, input_path=args.input, external_data=args.external_data
+    )
+    del lowered  # the output gate and validation load the file: free the proto first
+    gc.collect()
+    try:
+        report.timings["save_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        check_output(staged.file, ort_load=staged.ort_load)
+        report.timings["output_gate_s"] = time.perf_counter() - start
+        if validating:
+            _validate(args, report, staged.file, given_inputs, input_range, progress)
+        staged.commit(check=False)  # a mismatch is still written, for inspection
+    finally:
+        staged.discard()
     report.output = str(args.output)
     status = EXIT_OK
-    if args.validate:
-        from .validate import validate
-
-        progress.step("validate")
-        report.validation = validate(
-            args.input,
-            lowered,
-            inputs=given_inputs,
-            samples=args.samples,
-            seed=args.seed,
-            input_range=input_range,
-            rtol=args.rtol,
-            atol=args.atol,
-            batch=args.batch,
-        )
-        progress.done()
-        if not report.validation.passed:
-            status = EXIT_VALIDATION
+    if report.validation is not None and not report.validation.passed:
+        status = EXIT_VALIDATION
     args.status = status  # kept if printing the summary fails on a closed pipe
     if args.benchmark:
         from .benchmark import benchmark
@@ -176,7 +189,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress.step("benchmark")
         report.latency = benchmark(
             args.input,
-            lowered,
+            args.output,
             threads=args.threads,
             repeat=args.repeat,
             batch=args.batch,
@@ -191,6 +204,27 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for line in report.validation.failures():
             print(f"validation failed: {line}", file=sys.stderr)
     return status
+
+
+def _validate(args, report, lowered: Path, given_inputs, input_range, progress) -> None:
+    """Compare the staged output with the input in onnxruntime; ``timings.validate_s``."""
+    from .validate import validate
+
+    progress.step("validate")
+    start = time.perf_counter()
+    report.validation = validate(
+        args.input,
+        lowered,
+        inputs=given_inputs,
+        samples=args.samples,
+        seed=args.seed,
+        input_range=input_range,
+        rtol=args.rtol,
+        atol=args.atol,
+        batch=args.batch,
+    )
+    report.timings["validate_s"] = time.perf_counter() - start
+    progress.done()
 
 
 def _dry_run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""What a model costs: weight bytes and multiply-accumulates (MACs), from resolved shapes.
+"""What a model costs: weight bytes, multiply-accumulates (MACs) and ReLU neurons, from shapes.
 
 MACs count one multiply-add per weight use:
 
@@ -8,6 +8,23 @@ MACs count one multiply-add per weight use:
 - pools, elementwise ops and data movement count 0 (they are not contractions).
 
 The ratio between the original's and the lowered model's MACs is the arithmetic a lowering costs.
+
+Neurons (:func:`count_neurons`) are what a verifier's cost grows with (each one may be split
+into cases); they are counted per sample (a dynamic batch dimension taken as 1), as output
+elements of the nodes in the main graph (subgraphs are not counted):
+
+- ``relu``: elements of every ``Relu`` output. In a lowered mlp model this is every
+  nonlinearity there is: MaxPool pairwise maxima and the Relus LeakyRelu/PRelu/Clip/Abs/Max/Min
+  were rewritten into all show up here.
+- ``max``: elements of every MaxPool / GlobalMaxPool / ReduceMax output of the original. Each is
+  one many-input max (a native max constraint for tools that have one); an exact ReLU encoding
+  of a window of ``K`` taps needs at least ``K − 1`` pairwise maxima, fewer per output when
+  windows overlap (see :mod:`onnx_lower.passes.pool_max`).
+- ``piecewise``: elements of the other piecewise-linear activations of the original (LeakyRelu,
+  PRelu, Clip, HardSigmoid, Abs, elementwise Max/Min); each becomes one or two ReLUs in the mlp
+  form (Clip and HardSigmoid two, the others one per input beyond the first).
+
+Smooth activations (Sigmoid, Tanh, Softmax, ...) are not piecewise linear and are not counted.
 """
 
 from __future__ import annotations
@@ -18,7 +35,14 @@ import onnx
 
 from .model_io import tensor_bytes
 
-__all__ = ["weight_bytes", "count_macs"]
+__all__ = [
+    "weight_bytes", "count_macs", "count_neurons", "value_shapes", "MAX_OPS", "PIECEWISE_OPS",
+]
+
+#: Ops of the original counted as ``max`` neurons (one per output element).
+MAX_OPS = ("MaxPool", "GlobalMaxPool", "ReduceMax")
+#: Piecewise-linear activations of the original counted as ``piecewise`` neurons.
+PIECEWISE_OPS = ("LeakyRelu", "PRelu", "Clip", "HardSigmoid", "Abs", "Max", "Min")
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -38,6 +62,41 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     """MACs of one inference at ``batch``, using shapes from ONNX shape inference."""
+    graph, shapes = _inferred_shapes(model, batch)
+    return int(sum(_node_macs(n, shapes) for n in graph.node))
+
+
+def count_neurons(model: onnx.ModelProto) -> dict[str, int]:
+    """``{"relu", "max", "piecewise"}`` neuron counts per sample (module docstring).
+
+    An output whose shape inference cannot resolve counts 0.
+    """
+    graph, shapes = _inferred_shapes(model, 1)
+    counts = {"relu": 0, "max": 0, "piecewise": 0}
+    for n in graph.node:
+        if n.domain not in ("", "ai.onnx") or not n.output:
+            continue
+        key = ("relu" if n.op_type == "Relu" else "max" if n.op_type in MAX_OPS
+               else "piecewise" if n.op_type in PIECEWISE_OPS else None)
+        shape = shapes.get(n.output[0])
+        if key is None or shape is None:
+            continue
+        if n.op_type in ("Max", "Min"):  # one pairwise max per extra input
+            counts[key] += math.prod(shape) * max(len(n.input) - 1, 0)
+        else:
+            counts[key] += math.prod(shape)
+    return counts
+
+
+def value_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, list[int]]:
+    """The shape of every value of the main graph that shape inference resolves, with dynamic
+    input dimensions set to ``batch``."""
+    return _inferred_shapes(model, batch)[1]
+
+
+def _inferred_shapes(model: onnx.ModelProto, batch: int) -> tuple[onnx.GraphProto, dict]:
+    """The main graph after shape inference (dynamic input dims set to ``batch``) and the shape
+    of every value it knows."""
     from .model_io import skeleton
 
     fixed = skeleton(model)
@@ -56,10 +115,7 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else batch for d in dims]
     for t in graph.initializer:
         shapes[t.name] = list(t.dims)
-    total = 0
-    for n in graph.node:
-        total += _node_macs(n, shapes)
-    return int(total)
+    return graph, shapes
 
 
 def _node_macs(n: onnx.NodeProto, shapes: dict[str, list]) -> int:

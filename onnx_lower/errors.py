@@ -15,6 +15,9 @@ __all__ = [
     "BudgetExceededError",
     "DynamicShapeError",
     "PassVerificationError",
+    "InvalidAttributeError",
+    "OutputGateError",
+    "LoweredRunError",
 ]
 
 
@@ -99,3 +102,36 @@ class PassVerificationError(LoweringError):
     def __init__(self, pass_name: str, detail: str):
         self.pass_name = pass_name
         super().__init__(f"the model is invalid after pass '{pass_name}': {detail}")
+
+
+class InvalidAttributeError(InvalidModelError):
+    """A node's attribute lies outside what the ONNX spec allows for it."""
+
+    def __init__(self, node_name: str, op_type: str, attribute: str, problem: str):
+        self.node_name, self.op_type, self.attribute = node_name, op_type, attribute
+        super().__init__(
+            f"node '{node_name}' ({op_type}): attribute '{attribute}' {problem}. The model is "
+            f"invalid; fix the attribute at its source (see "
+            f"https://onnx.ai/onnx/operators/onnx__{op_type}.html)"
+        )
+
+
+class OutputGateError(LoweringError):
+    """The lowered model fails the checker or onnxruntime's load: a bug in onnx_lower."""
+
+    exit_code = 3
+
+    def __init__(self, detail: str):
+        super().__init__(
+            f"the lowered model fails the output gate ({detail}); nothing was written. This is "
+            f"a bug in onnx_lower: rerun with -v and report it"
+        )
+
+
+class LoweredRunError(LoweringError):
+    """The lowered model loads but onnxruntime fails to run it where the original runs: a bug."""
+
+    exit_code = 3
+
+    def __init__(self, detail: str):
+        super().__init__(f"{detail}. This is a bug in onnx_lower: rerun with -v and report it")

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .errors import DynamicShapeError, InvalidModelError
+from .errors import DynamicShapeError, InvalidAttributeError, InvalidModelError
 
 __all__ = [
     "INTERNAL_DOMAIN",
@@ -33,6 +33,7 @@ __all__ = [
     "const_value",
     "constant_bytes",
     "sample_shape",
+    "flag",
     "batch_dim",
     "all_graphs",
     "count_nodes",
@@ -289,6 +290,15 @@ def attr(node: gs.Node, name: str, default=None):
     if isinstance(value, bytes):
         value = value.decode()
     return value
+
+
+def flag(node: gs.Node, name: str, default: int = 0) -> bool:
+    """A 0/1 attribute (Gemm's transA, a pool's ceil_mode...) with its ONNX default; any other
+    value is refused, naming the node and the attribute."""
+    value = node.attrs.get(name, default)
+    if isinstance(value, (bool, int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    raise InvalidAttributeError(node.name, node.op, name, f"is {value!r}; the spec allows 0 or 1")
 
 
 def detach(node: gs.Node) -> None:

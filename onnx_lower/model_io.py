@@ -21,6 +21,8 @@ from .errors import InvalidModelError, OutputPathError
 __all__ = [
     "load_model",
     "save_model",
+    "stage_model",
+    "StagedModel",
     "check_output_path",
     "skeleton",
     "to_sparse_storage",
@@ -76,7 +78,10 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
 
 def tensor_bytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data, from its dims and type (reading ``raw_data`` would copy it)."""
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError):  # UNDEFINED or unknown: the checker names the tensor
+        return len(t.raw_data)
     return math.prod(t.dims) * itemsize
 
 
@@ -120,12 +125,30 @@ def save_model(
     *,
     input_path: str | os.PathLike | None = None,
     external_data: bool = False,
+    check: bool = True,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
     Uses external data (``<name>.data`` beside the model) when ``external_data`` is set or the
-    model would exceed protobuf's 2 GB limit.
+    model would exceed protobuf's 2 GB limit. With ``check`` the output gate
+    (:func:`onnx_lower.gates.check_output`: full checker and an onnxruntime load of the
+    temporary file) runs before the rename; a failure raises
+    :class:`~onnx_lower.errors.OutputGateError` and writes nothing.
     """
+    staged = stage_model(model, path, input_path=input_path, external_data=external_data)
+    return staged.commit(check=check)
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool = False,
+) -> StagedModel:
+    """Write ``model`` into a temporary folder beside ``path``; :meth:`StagedModel.commit`
+    moves it into place. The caller may free ``model`` in between (the CLI does, so that the
+    output gate's onnxruntime load does not sit beside the lowered proto)."""
     target = check_output_path(path, input_path)
     parent = target.parent
     if not external_data:
@@ -137,32 +160,71 @@ def save_model(
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
     except OSError as exc:  # a read-only or full folder
         raise OutputPathError(f"cannot write into '{parent}': {exc.strerror or exc}") from None
+    staged = StagedModel(tmpdir, target, target.name + ".data" if external_data else None)
+    staged.ort_load = not _foreign_domains(model)
     try:
-        tmp_model = tmpdir / target.name
         if external_data:
-            location = target.name + ".data"
             # onnx.save_model moves tensor data out of the proto it is given: save a copy so
             # the caller's model keeps its weights
             detached = onnx.ModelProto()
             detached.CopyFrom(model)
             onnx.save_model(
                 detached,
-                str(tmp_model),
+                str(staged.file),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=location,
+                location=staged.location,
                 size_threshold=1024,
             )
-            if (tmpdir / location).exists():
-                os.replace(tmpdir / location, parent / location)
+            del detached
         else:
-            onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, target)
+            onnx.save_model(model, str(staged.file))
     except OSError as exc:
+        staged.discard()
         raise OutputPathError(f"cannot write '{target}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return target
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+class StagedModel:
+    """A model written to a temporary folder beside its target, not yet in place."""
+
+    def __init__(self, tmpdir: Path, target: Path, location: str | None):
+        self.tmpdir, self.target, self.location = tmpdir, target, location
+        self.file = tmpdir / target.name
+        #: whether the output gate loads the model in onnxruntime (see gates.check_output)
+        self.ort_load = True
+
+    def commit(self, *, check: bool = True) -> Path:
+        """Run the output gate (if ``check``), then move the files into place; the temporary
+        folder is removed either way."""
+        from .gates import check_output
+
+        try:
+            if check:
+                check_output(self.file, ort_load=self.ort_load)
+            data = self.tmpdir / self.location if self.location else None
+            if data is not None and data.exists():
+                os.replace(data, self.target.parent / self.location)
+            os.replace(self.file, self.target)
+        except OSError as exc:
+            raise OutputPathError(
+                f"cannot write '{self.target}': {exc.strerror or exc}"
+            ) from None
+        finally:
+            self.discard()
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _foreign_domains(model: onnx.ModelProto) -> list[str]:
+    from .gates import foreign_domains
+
+    return foreign_domains(f"{n.domain}::{n.op_type}" for n in model.graph.node)
 
 
 def check_output_path(

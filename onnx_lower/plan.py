@@ -9,6 +9,10 @@ Two estimates, both from resolved shapes:
 - **Exact mlp bytes** (``--dry-run``): for tractable networks the mlp pipeline runs up to and
   including ``fold-linear``, and each remaining Affine node reports the dense bytes and MACs
   emission would give it. Nothing is densified.
+- **Neurons** (plan schema 1.2): ``neurons`` holds the original's ``relu``/``max``/``piecewise``
+  neuron counts per sample (:func:`onnx_lower.cost.count_neurons`); ``mlp_relu_neurons`` the
+  ReLU neurons of the mlp form (the Relu elements of that same in-memory pipeline: the MaxPool
+  plans, the rewritten activations and the original Relus), ``None`` when it was not planned.
 
 ``--form auto`` takes the mlp form when it is tractable and fits ``--max-weight-mb``, else im2col,
 for each region of the graph (:mod:`onnx_lower.regions`) in graph order, against the budget the
@@ -56,6 +60,10 @@ class Plan:
     #: what the im2col form emits (weights + Gather tables), when the plan picked im2col
     im2col_bytes: int | None = None
     im2col_index_bytes: int | None = None
+    #: the original's neurons per sample: {"relu", "max", "piecewise"} (cost.count_neurons)
+    neurons: dict[str, int] | None = None
+    #: ReLU neurons per sample of the mlp form, when its pipeline ran
+    mlp_relu_neurons: int | None = None
     #: the im2col form's algorithm per conv (``{name, algo, reason, estimated_ms, probe_error}``,
     #: :mod:`onnx_lower.passes.im2col.winograd`), when the plan picked im2col
     conv_algos: list[dict[str, Any]] | None = None
@@ -71,6 +79,15 @@ class Plan:
         ]
         for region in self.regions:
             lines.extend("  " + line for line in region.summary_lines())
+        if self.neurons is not None:
+            n = self.neurons
+            mlp = "" if self.mlp_relu_neurons is None else (
+                f"; mlp form: {self.mlp_relu_neurons:,} ReLU"
+            )
+            lines.append(
+                f"  neurons of the original: {n['relu']:,} ReLU, {n['max']:,} max, "
+                f"{n['piecewise']:,} piecewise{mlp}"
+            )
         if self.regions:
             return lines
         if self.im2col_bytes is not None:
@@ -111,6 +128,7 @@ def make_plan(
     that picks im2col also runs that pipeline (nothing is written) to give its emitted bytes.
     """
     plan = _decide(model, budget_bytes, exact, cost.count_macs(model) if macs is None else macs)
+    plan.neurons = cost.count_neurons(model)
     if im2col_cost and plan.form == "im2col":
         try:
             plan.im2col_bytes, plan.im2col_index_bytes, plan.conv_algos = _im2col_bytes(model)
@@ -166,7 +184,7 @@ def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -
     if not exact:
         return Plan("mlp", "small enough to try the mlp form", region, macs, None, budget_bytes, [])
     try:
-        layers = _folded_layers(model)
+        layers, relus = _folded_layers(model)
     except LoweringError as exc:
         return Plan("im2col", f"mlp not possible: {exc.fact}", region, macs, None, budget_bytes,
                     [])
@@ -175,9 +193,10 @@ def _decide(model: onnx.ModelProto, budget_bytes: int, exact: bool, macs: int) -
         worst = max(layers, key=lambda la: la.bytes)
         label = layer_label(worst.name, worst.sources)
         reason = BudgetExceededError(label, worst.bytes, budget_bytes, total).fact
-        return Plan("im2col", reason, region, macs, total, budget_bytes, layers)
+        return Plan("im2col", reason, region, macs, total, budget_bytes, layers,
+                    mlp_relu_neurons=relus)
     reason = f"the mlp weights ({total / 2**20:,.1f} MB) fit the budget"
-    return Plan("mlp", reason, region, macs, total, budget_bytes, layers)
+    return Plan("mlp", reason, region, macs, total, budget_bytes, layers, mlp_relu_neurons=relus)
 
 
 def _in_memory(model: onnx.ModelProto, form: str, upto: str | None = None):
@@ -203,14 +222,19 @@ def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int, list[dict[str, Any]
             list(work.notes.get("conv_algos", [])))
 
 
-def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
+def _folded_layers(model: onnx.ModelProto) -> tuple[list[LayerPlan], int]:
+    """The mlp form's Affine layers after ``fold-linear`` and its ReLU neurons per sample."""
+    import math
+
     from . import graph as g
     from .affine import affine_of, emitted_bytes
 
     work = _in_memory(model, "mlp", upto="fold-linear")
-    layers = []
+    layers, relus = [], 0
     for sub in g.all_graphs(work.graph):
         for node in sub.nodes:
+            if g.is_op(node, "Relu"):
+                relus += math.prod(g.sample_shape(node.outputs[0]))
             amap = affine_of(node)
             if amap is None:
                 continue
@@ -224,4 +248,4 @@ def _folded_layers(model: onnx.ModelProto) -> list[LayerPlan]:
                     amap.dense_elements,
                 )
             )
-    return layers
+    return layers, relus

@@ -15,17 +15,24 @@ from .pass_manager import PassRecord
 
 __all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.2"
+SCHEMA = "onnx_lower.report/1.3"
 
 
 @dataclasses.dataclass
 class ModelStats:
-    """Op counts, node count, weight bytes and MACs of one model."""
+    """Op counts, node count, weight bytes, MACs and neuron counts of one model.
+
+    ``relu_neurons``, ``max_neurons`` and ``piecewise_neurons`` (schema 1.2) are per sample, as
+    :func:`onnx_lower.cost.count_neurons` counts them.
+    """
 
     ops: dict[str, int]
     nodes: int
     weight_bytes: int
     macs: int
+    relu_neurons: int = 0
+    max_neurons: int = 0
+    piecewise_neurons: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,11 +143,25 @@ class Report:
         lines.append(f"  {'nodes':<{width}} {b.nodes:>8} {a.nodes:>8}")
         lines.append(f"  {'weights':<{width}} {_mb(b.weight_bytes):>8} {_mb(a.weight_bytes):>8}")
         lines.append(f"  {'MACs':<{width}} {_si(b.macs):>8} {_si(a.macs):>8}")
+        lines.append(
+            f"  {'ReLU neurons':<{width}} {b.relu_neurons:>8,} {a.relu_neurons:>8,}"
+        )
+        for label, key in (("max neurons", "max_neurons"), ("piecewise", "piecewise_neurons")):
+            if getattr(b, key) or getattr(a, key):
+                lines.append(
+                    f"  {label:<{width}} {getattr(b, key):>8,} {getattr(a, key):>8,}"
+                )
         fold = self.notes.get("fold_summary")
         if fold:
             lines.append(
                 f"fold: {fold['matmuls_before']} -> {fold['matmuls_after']} MatMuls, "
                 f"{_mb(fold['bytes_before'])} -> {_mb(fold['bytes_after'])} of weights"
+            )
+        sample = self.notes.get("sample_axis")
+        if sample:
+            lines.append(
+                f"sample: the whole tensor, batch included ({sample['op']} '{sample['node']}' "
+                f"mixes the static axis 0: {sample['reason']})"
             )
         kept = self.kept_ops()
         if kept:

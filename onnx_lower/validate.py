@@ -40,7 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnx_lower.errors import InvalidModelError, LoweringError
+from onnx_lower.errors import InvalidModelError, LoweredRunError, LoweringError
 
 __all__ = [
     "InputSpec",
@@ -90,20 +90,22 @@ def load_proto(model: ModelLike) -> onnx.ModelProto:
         raise InvalidModelError(f"cannot read '{path}' as an ONNX model: {exc}") from exc
 
 
-def make_session(model: ModelLike, threads: int = 1, *,
-                 label: str = "model") -> ort.InferenceSession:
+def make_session(model: ModelLike, threads: int = 1, *, label: str = "model",
+                 optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session: ``threads`` intra-op threads, 1 inter-op thread, sequential.
 
     A path is handed to onnxruntime as a path (needed for models over 2 GB and for external
     data); a ``ModelProto`` is passed serialised, or through a temporary file with external data
-    when it is too large to serialise.
+    when it is too large to serialise. ``optimize=False`` skips onnxruntime's graph
+    optimisations (a load that only checks the model).
     """
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors are raised, with their message
     providers = ["CPUExecutionProvider"]
     try:
         if not isinstance(model, onnx.ModelProto):
@@ -112,7 +114,11 @@ def make_session(model: ModelLike, threads: int = 1, *,
             return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnx_lower_") as tmp:
             path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+            detached = onnx.ModelProto()  # saving as external data empties the proto saved
+            detached.CopyFrom(model)
+            onnx.save_model(detached, path, save_as_external_data=True,
+                            location="model.onnx.data")
+            del detached
             return ort.InferenceSession(path, so, providers=providers)
     except LoweringError:
         raise
@@ -579,8 +585,9 @@ def _run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], label: str,
     try:
         values = sess.run(names, feed)
     except Exception as exc:
-        raise LoweringError(f"onnxruntime failed to run the {label} on input sample {sample}: "
-                            f"{exc}") from exc
+        error = LoweredRunError if label.startswith("lowered") else LoweringError
+        raise error(f"onnxruntime failed to run the {label} on input sample {sample}: "
+                    f"{exc}") from exc
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 

@@ -17,6 +17,16 @@ SAME_UPPER/SAME_LOWER pad so that ``out = ceil(n / s)``; the odd pad goes at the
 SAME_UPPER and at the beginning for SAME_LOWER. VALID means no padding.
 
 Everything here is vectorised numpy; no Python loop runs over output positions or taps.
+
+:func:`window_attributes` is the one validated reader of a conv/pool node's window attributes
+(kernel_shape, strides, dilations, pads, auto_pad, group, ceil_mode, count_include_pad), with
+the spec's defaults. It refuses, naming the node and the attribute, what the spec does not
+allow: a list of the wrong length, a kernel, stride or dilation below 1, a negative pad, an
+unknown auto_pad, a flag outside {0, 1}, a group below 1 or not dividing the channels, a
+(dilated) kernel longer than the padded input, and windows × taps beyond
+:data:`MAX_WINDOW_TAPS` (pads of 10⁶ are legal ONNX, but their index tables are not
+computable). Every lowering reads the attributes through it (``explicit-pads`` in the
+canonical pipeline of every form, and ``lower-conv``).
 """
 
 from __future__ import annotations
@@ -27,7 +37,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Windows", "sliding_windows", "resolve_pads", "output_extent"]
+from .errors import InvalidAttributeError, InvalidModelError
+
+__all__ = [
+    "Windows",
+    "WindowAttributes",
+    "window_attributes",
+    "sliding_windows",
+    "resolve_pads",
+    "output_extent",
+    "MAX_WINDOW_TAPS",
+]
+
+#: Most (output position, tap) pairs one conv/pool may have per channel: its index tables are
+#: int64 arrays of that many entries (2³¹ of them are 16 GB).
+MAX_WINDOW_TAPS = 2**31
+_AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
 def output_extent(n: int, k: int, s: int, d: int, b: int, e: int, ceil_mode: bool = False) -> int:
@@ -172,3 +197,132 @@ def sliding_windows(
     s_out, k_total = math.prod(out_shape), math.prod(kernel)
     taps = np.where(valid, flat, -1).reshape(s_out, k_total).astype(np.int64, copy=False)
     return Windows(in_shape, tuple(out_shape), kernel, tuple(positions), taps)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttributes:
+    """The validated window attributes of one conv/pool node, spec defaults filled in.
+
+    ``pads`` are the node's own (explicit, or zeros); with ``auto_pad`` other than NOTSET the
+    caller resolves them with :func:`resolve_pads`.
+    """
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str
+    group: int
+    ceil_mode: bool
+    count_include_pad: bool
+
+
+def window_attributes(
+    node,
+    kernel: Sequence[int] | None = None,
+    *,
+    spatial: Sequence[int] | None = None,
+    channels: int | None = None,
+    weight_shape: Sequence[int] | None = None,
+    bias_shape: Sequence[int] | None = None,
+) -> WindowAttributes:
+    """Read and validate ``node``'s window attributes (an onnx-graphsurgeon node).
+
+    ``kernel`` is the kernel shape when the node has no ``kernel_shape`` (a Conv reads it from
+    its weight). ``spatial`` (the static spatial input extent), ``channels`` (input channels)
+    and ``weight_shape`` enable the checks against the input, ``bias_shape`` the check that a
+    Conv/ConvTranspose bias is 1-D of the output channels. Defaults per the spec
+    (https://onnx.ai/onnx/operators/onnx__Conv.html,
+    https://onnx.ai/onnx/operators/onnx__MaxPool.html): strides and dilations 1, pads 0,
+    auto_pad NOTSET, group 1, ceil_mode 0, count_include_pad 0.
+    """
+    attrs = node.attrs
+
+    def refuse(name: str, problem: str):
+        raise InvalidAttributeError(node.name, node.op, name, problem)
+
+    def ints(name: str, length: int | None, default: int | None, low: int):
+        value = attrs.get(name)
+        if value is None or (isinstance(value, (list, tuple)) and not len(value)):
+            if default is None:
+                return None
+            return (default,) * length
+        if not isinstance(value, (list, tuple)):
+            refuse(name, f"must be a list of ints, not {value!r}")
+        values = tuple(int(v) for v in value)
+        if length is not None and len(values) != length:
+            refuse(name, f"has {len(values)} values {list(values)}; it needs {length}")
+        if values and min(values) < low:
+            refuse(name, f"is {list(values)}; every value must be >= {low}")
+        return values
+
+    given = ints("kernel_shape", None, None, 1)
+    if given is not None and kernel is not None and tuple(int(k) for k in kernel) != given:
+        refuse("kernel_shape", f"is {list(given)} but the weight's kernel is {list(kernel)}")
+    kernel = given if given is not None else tuple(int(k) for k in kernel or ())
+    if not kernel:
+        refuse("kernel_shape", "is missing; the spec requires it for this op")
+    if min(kernel) < 1:
+        refuse("kernel_shape", f"is {list(kernel)}; every value must be >= 1")
+    r = len(kernel)
+    if spatial is not None and len(spatial) != r:
+        refuse("kernel_shape", f"has {r} axes, the input has {len(spatial)} spatial axes")
+    strides = ints("strides", r, 1, 1)
+    dilations = ints("dilations", r, 1, 1)
+    pads = ints("pads", 2 * r, 0, 0)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode(errors="replace")
+    auto_pad = auto_pad or "NOTSET"
+    if auto_pad not in _AUTO_PADS:
+        refuse("auto_pad", f"is {auto_pad!r}; the spec allows {', '.join(_AUTO_PADS)}")
+    flags = {}
+    for name in ("ceil_mode", "count_include_pad"):
+        value = int(attrs.get(name, 0))
+        if value not in (0, 1):
+            refuse(name, f"is {value}; the spec allows 0 or 1")
+        flags[name] = bool(value)
+    group = int(attrs.get("group", 1))
+    if group < 1:
+        refuse("group", f"is {group}; it must be >= 1")
+    if channels is not None and weight_shape is not None and node.op == "Conv":
+        m, cg = int(weight_shape[0]), int(weight_shape[1])
+        if channels % group or cg * group != channels or m % group:
+            refuse(
+                "group",
+                f"is {group}: the input's {channels} channels must equal the weight's "
+                f"{cg} channels per group × group, and the {m} output channels must divide by it",
+            )
+    if bias_shape is not None and weight_shape is not None:
+        m = int(weight_shape[0]) if node.op == "Conv" else int(weight_shape[1]) * group
+        if tuple(int(d) for d in bias_shape) != (m,):
+            raise InvalidModelError(
+                f"node '{node.name}' ({node.op}): its bias B has shape {list(bias_shape)}; the "
+                f"spec wants one value per output channel, shape [{m}]. Fix the model at its "
+                f"source"
+            )
+    if spatial is not None and node.op != "ConvTranspose":
+        spatial = tuple(int(n) for n in spatial)
+        full = resolve_pads(spatial, kernel, strides, dilations, pads, auto_pad)
+        taps = math.prod(kernel)
+        windows = 1
+        for i, n in enumerate(spatial):
+            span = n + full[i] + full[r + i]
+            dk = (kernel[i] - 1) * dilations[i] + 1
+            if dk > span:
+                refuse(
+                    "kernel_shape",
+                    f"spans {dk} positions on spatial axis {i} (kernel {kernel[i]}, dilation "
+                    f"{dilations[i]}), more than the padded input's {span}",
+                )
+            windows *= (span - dk) // strides[i] + 2
+        if windows * taps > MAX_WINDOW_TAPS:
+            refuse(
+                "pads",
+                f"{list(full)} with strides {list(strides)} give about {windows:,} windows of "
+                f"{taps} taps, over the {MAX_WINDOW_TAPS:,} onnx_lower can index",
+            )
+    return WindowAttributes(
+        kernel, strides, dilations, pads, auto_pad, group,
+        flags["ceil_mode"], flags["count_include_pad"],
+    )

@@ -3,7 +3,7 @@
 =============  ==========================================================================
 canonicalize   shapes, constants, Identity/Dropout, explicit pads, DCE, toposort, names
 conv           Conv / ConvTranspose → Affine
-pool           MaxPool → ReLU tournament; AveragePool and global pools → Affine
+pool           MaxPool → ReLU levels (plans in pool_max); AveragePool, global pools → Affine
 linear         BatchNorm, Gemm, MatMul, elementwise-with-constant, data movement → Affine
 activations    LeakyRelu, PRelu, Clip, Abs, Max/Min → Relu + Affine; the mlp form check
 fold           cost-aware folding of Affine chains

@@ -43,6 +43,7 @@ pass that refused the node when there is one. It notes the kept ops for the repo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ from onnx_lower.errors import DynamicShapeError, LoweringError, UnsupportedOpErr
 from onnx_lower.graph import Namer, attr, const_value, is_graph_output, is_op, sample_shape
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 
-from . import linear
+from . import linear, sample_axis
 from .linear import (
     Refused,
     activation_shape,
@@ -119,8 +120,8 @@ def _refuse(reason: str):
 class _Builder:
     """Creates the nodes of a rewrite in front of ``node``, then replaces ``node``."""
 
-    def __init__(self, graph: gs.Graph, node: gs.Node, namer: Namer):
-        self.graph, self.node, self.namer = graph, node, namer
+    def __init__(self, graph: gs.Graph, node: gs.Node, namer: Namer, whole: bool = False):
+        self.graph, self.node, self.namer, self.whole = graph, node, namer, whole
         out = node.outputs[0]
         first = next(t for t in node.inputs if t.shape and const_value(t) is None)
         self.batch = first.shape[0]
@@ -132,27 +133,33 @@ class _Builder:
 
     def _tensor(self, tag: str, shape: Sequence[int]) -> gs.Variable:
         name = self.namer(f"{self.base}_{tag}")
-        return gs.Variable(name, dtype=self.dtype, shape=[self.batch, *shape])
+        shape = list(shape) if self.whole else [self.batch, *shape]
+        return gs.Variable(name, dtype=self.dtype, shape=shape)
 
     def affine(self, inputs: Sequence[gs.Tensor], amap: AffineMap, tag: str) -> gs.Tensor:
+        amap.whole = self.whole
         inputs, amap = merge_terms(inputs, amap)
         if (
             len(inputs) == 1
             and amap.bias is None
             and is_identity(amap.terms[0])
-            and tuple(inputs[0].shape[1:]) == amap.out_shape
+            and self._sample(inputs[0]) == amap.out_shape
         ):
             return inputs[0]
         out = self._tensor(tag, amap.out_shape)
         self._insert(make_affine(inputs, out, amap, out.name, source=self.node.name))
         return out
 
+    def _sample(self, x: gs.Tensor) -> tuple:
+        return tuple(x.shape if self.whole else x.shape[1:])
+
     def relu(self, x: gs.Tensor, tag: str = "relu") -> gs.Tensor:
-        out = self._tensor(tag, x.shape[1:])
+        out = self._tensor(tag, self._sample(x))
         self._insert(gs.Node("Relu", name=out.name, inputs=[x], outputs=[out]))
         return out
 
     def finish(self, inputs: Sequence[gs.Tensor], amap: AffineMap) -> None:
+        amap.whole = self.whole
         inputs, amap = merge_terms(inputs, amap)
         replace_with_affine(self.graph, self.node, inputs, amap)
 
@@ -360,12 +367,19 @@ _HANDLERS: dict[str, Callable[[gs.Node, _Ctx], Plan]] = {
 ACTIVATION_OPS = frozenset(_HANDLERS)
 
 
-def match(node: gs.Node, graph: gs.Graph, opset: int) -> Plan | str | LoweringError:
-    """The rewrite of ``node`` (a callable taking a builder), or why it has none."""
+def match(
+    node: gs.Node, graph: gs.Graph, opset: int, whole: bool = False
+) -> Plan | str | LoweringError:
+    """The rewrite of ``node`` (a callable taking a builder), or why it has none.
+
+    ``whole=True``: on whole-tensor samples (every handler here is elementwise, so the
+    per-sample one serves with full shapes; see :mod:`onnx_lower.passes.sample_axis`).
+    """
     if not is_op(node, *_HANDLERS):
         return f"{node.op} is not a piecewise-linear activation"
     try:
-        plan = _HANDLERS[node.op](node, _Ctx(graph, opset))
+        with linear.whole_tensor_samples() if whole else contextlib.nullcontext():
+            plan = _HANDLERS[node.op](node, _Ctx(graph, opset))
         for out in node.outputs:
             if not is_float(out):
                 _refuse(f"output '{out.name}' is not a float tensor")
@@ -394,11 +408,16 @@ class LowerActivationsPass(GraphPass):
         for node in list(graph.nodes):
             if not is_op(node, *_HANDLERS):
                 continue
-            plan = match(node, graph, model.opset)
+            plan, whole = match(node, graph, model.opset), False
+            if isinstance(plan, str) and sample_axis.whole_tensor_allowed(graph, model):
+                plan_whole = match(node, graph, model.opset, whole=True)
+                if not isinstance(plan_whole, (str, LoweringError)):
+                    sample_axis.enter(model, node, plan)
+                    plan, whole = plan_whole, True
             if isinstance(plan, (str, LoweringError)):
                 continue
             namer = namer or Namer(graph)
-            plan(_Builder(graph, node, namer))
+            plan(_Builder(graph, node, namer, whole))
             modified = True
         return modified
 

@@ -24,11 +24,16 @@ They bring any exported CNN into one shape that the lowering passes can rely on:
     Constant nodes become initializers. Outputs over 64 MB, random ops, nodes outside the
     default domain and nodes with subgraphs are left alone.
 ``remove-identity``
-    ``y = Identity(x)``, ``y = Dropout(x)`` (inference; only when the mask is unused) and
-    ``y = Cast(x, to=dtype(x))`` are removed, following onnx-ir's IdentityEliminationPass: uses
-    of ``y`` read ``x``; if ``y`` is a graph output, ``x`` takes its name (so output names never
-    change) unless ``x`` is a graph input, an initializer, another output or an outer-scope value,
-    in which case the node stays.
+    ``y = Identity(x)``, ``y = Dropout(x)`` in inference mode and ``y = Cast(x, to=dtype(x))``
+    are removed. Dropout is in inference mode when its ``training_mode`` input is absent or a
+    constant false (opset 12+) and, before opset 7, when ``is_test=1``
+    (https://onnx.ai/onnx/operators/onnx__Dropout.html). From opset 12 its ``mask`` output is then
+    all true, so a used mask of static shape becomes a bool initializer of ones. (Before opset 12
+    onnxruntime gives an all-false mask where ONNX's reference gives all true: such a Dropout
+    stays, and the mlp form refuses it.) A training-mode Dropout stays (the mlp form refuses it).
+    Removal follows onnx-ir's IdentityEliminationPass: uses of ``y`` read ``x``; if ``y`` is a
+    graph output, ``x`` takes its name (so output names never change) unless ``x`` is a graph
+    input, an initializer, another output or an outer-scope value, in which case the node stays.
 ``explicit-pads``
     Conv, MaxPool, AveragePool and LpPool get explicit ``pads`` for ``auto_pad`` SAME_UPPER /
     SAME_LOWER (``out = ceil(n / s)``, the odd pad at the end for SAME_UPPER, at the start for
@@ -66,7 +71,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import GraphPass, LoweringModel, Pass, PassResult, register_pass
 from onnx_lower.pipelines import CANONICALIZE  # the preset prefix of every pipeline
-from onnx_lower.windows import resolve_pads
+from onnx_lower.windows import resolve_pads, window_attributes
 
 __all__ = [
     "CANONICALIZE",
@@ -577,7 +582,42 @@ def _onnx_dtype(dtype) -> int | None:
         return None
 
 
-def _identity_input(node: gs.Node, graph: gs.Graph) -> gs.Tensor | None:
+def _used(graph: gs.Graph, t: gs.Tensor) -> bool:
+    return not t.is_empty() and bool(t.outputs or g.is_graph_output(graph, t))
+
+
+def _inference_dropout(node: gs.Node, opset: int) -> bool:
+    """Dropout returns its input: not in training mode (spec defaults: ``training_mode`` false,
+    ``is_test`` 0, i.e. training, before opset 7)."""
+    if opset < 7 and not int(g.attr(node, "is_test", 0)):
+        return False
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        training = g.const_value(node.inputs[2])
+        if training is None or bool(np.asarray(training).any()):
+            return False
+    return True
+
+
+def _constant_mask(node: gs.Node, graph: gs.Graph, opset: int) -> bool:
+    """An inference Dropout's used mask becomes an all-true initializer (of the same name, so a
+    graph output keeps it); True if it did."""
+    if not (g.is_op(node, "Dropout") and len(node.outputs) > 1 and node.inputs):
+        return False
+    mask, x = node.outputs[1], node.inputs[0]
+    shape = x.shape if x.shape is not None else mask.shape
+    if opset < 12 or not _used(graph, mask) or not _inference_dropout(node, opset):
+        return False
+    if not shape or not all(isinstance(d, (int, np.integer)) for d in shape):
+        return False
+    const = gs.Constant(mask.name, np.ones([int(d) for d in shape], dtype=np.bool_))
+    _replace_uses(mask, const)
+    for sub in g.all_graphs(graph):
+        sub.outputs = [const if t is mask else t for t in sub.outputs]
+    node.outputs.pop(1)
+    return True
+
+
+def _identity_input(node: gs.Node, graph: gs.Graph, opset: int) -> gs.Tensor | None:
     """The tensor that ``node``'s first output equals, if ``node`` is a no-op at inference."""
     if not node.inputs or node.inputs[0].is_empty():
         return None
@@ -585,14 +625,9 @@ def _identity_input(node: gs.Node, graph: gs.Graph) -> gs.Tensor | None:
     if g.is_op(node, "Identity"):
         return x if len(node.outputs) == 1 else None
     if g.is_op(node, "Dropout"):
-        if any(not t.is_empty() and (t.outputs or g.is_graph_output(graph, t))
-               for t in node.outputs[1:]):
+        if any(_used(graph, t) for t in node.outputs[1:]):
             return None  # the mask is used
-        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-            training = g.const_value(node.inputs[2])
-            if training is None or bool(np.asarray(training).any()):
-                return None
-        return x
+        return x if _inference_dropout(node, opset) else None
     if g.is_op(node, "Cast", "CastLike"):
         to = (node.attrs.get("to") if node.op == "Cast"
               else _onnx_dtype(node.inputs[1].dtype) if len(node.inputs) > 1 else None)
@@ -616,7 +651,8 @@ class RemoveIdentity(GraphPass):
         modified = False
         produced_here = {id(t) for n in graph.nodes for t in n.outputs}
         for node in list(graph.nodes):
-            x = _identity_input(node, graph)
+            modified |= _constant_mask(node, graph, model.opset)
+            x = _identity_input(node, graph, model.opset)
             if x is None:
                 continue
             y = node.outputs[0]
@@ -658,6 +694,18 @@ def _schema_attrs(op: str, opset: int) -> set[str]:
         return set()
 
 
+def _conv_operand_shape(node: gs.Node, k: int) -> list[int] | None:
+    """The static shape of a Conv/ConvTranspose weight (k=1) or bias (k=2), else None."""
+    if not g.is_op(node, "Conv", "ConvTranspose") or len(node.inputs) <= k:
+        return None
+    t = node.inputs[k]
+    if not t.name or t.shape is None:
+        return None
+    if not all(isinstance(d, (int, np.integer)) for d in t.shape):
+        return None
+    return [int(d) for d in t.shape]
+
+
 @register_pass("explicit-pads")
 class ExplicitPads(GraphPass):
     """Replace auto_pad by explicit pads and spell out default strides, dilations and pads."""
@@ -681,6 +729,17 @@ class ExplicitPads(GraphPass):
         if kernel is None:
             return False
         r = len(kernel)
+        x = node.inputs[0]
+        shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
+        static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
+        window_attributes(  # refuses what the spec does not allow, naming node and attribute
+            node,
+            kernel,
+            spatial=[int(d) for d in shape[2:]] if static else None,
+            channels=int(shape[1]) if static else None,
+            weight_shape=_conv_operand_shape(node, 1),
+            bias_shape=_conv_operand_shape(node, 2),
+        )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
         strides = list(node.attrs.get("strides") or [1] * r)

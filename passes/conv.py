@@ -77,7 +77,7 @@ from onnx_lower import graph as g
 from onnx_lower.affine import AffineMap, replace_with_affine
 from onnx_lower.errors import UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
-from onnx_lower.windows import output_extent, resolve_pads, sliding_windows
+from onnx_lower.windows import output_extent, resolve_pads, sliding_windows, window_attributes
 
 __all__ = [
     "conv_matrix",
@@ -535,6 +535,14 @@ class LowerConvPass(GraphPass):
                 raise UnsupportedOpError(
                     node.name, node.op, model.options.form, "its bias is not a constant"
                 )
+            shape = g.sample_shape(x)
+            window_attributes(  # the shared validated reader: refuses out-of-spec attributes
+                node,
+                weight.shape[2:],
+                spatial=shape[1:] if len(shape) == weight.ndim - 1 else None,
+                channels=shape[0] if shape else None,
+                weight_shape=weight.shape,
+            )
             attrs = {
                 key: g.attr(node, key)
                 for key in ("strides", "pads", "dilations", "kernel_shape")

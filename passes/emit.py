@@ -6,6 +6,12 @@ Each Affine node ``y = Σ_i A_i · x_i + c`` (see :mod:`onnx_lower.affine`) is e
     y'   = Σ_i MatMul(x_i', W_i) + c            (W_i = A_iᵀ, dense (in, out), model dtype)
     y    = Reshape(y', [-1, *out_shape])        (skipped when y is (N, m))
 
+A whole-tensor Affine (``whole=True``, see :mod:`onnx_lower.passes.sample_axis`) reads the whole
+tensor as one flat vector and writes the full shape:
+
+    x_i' = Flatten(x_i, axis=0)                 (1, |x_i|); skipped when x_i is already (1, n)
+    y    = Reshape(y', out_shape)               skipped when out_shape is (1, m)
+
 An identity term (a Reshape folded to nothing, or the skip of a residual block) adds ``x_i'``
 directly without a MatMul. A sum of MatMuls is used rather than one MatMul over a Concat of the
 inputs: both store the same weight bytes, and Concat is not part of the mlp form.
@@ -17,7 +23,8 @@ take and refuses with :class:`~onnx_lower.errors.BudgetExceededError` when they 
 :class:`FlattenRegionsPass` then removes the layout round trips emission leaves between Affine
 nodes, using that elementwise ops commute with reshapes:
 
-    Flatten(Reshape(z))            -> z            (z is (N, m) and the Flatten gives (N, m))
+    Flatten(Reshape(z))            -> z            (z is (N, m) and the Flatten gives (N, m);
+                                                    Flatten(axis=0) when z is (1, m))
     f(Reshape(z)) for elementwise f -> Reshape(f(z))
 
 so a lowered region reads ``Flatten → MatMul/Add/Relu … → Reshape``.
@@ -106,10 +113,12 @@ class EmitAffinePass(GraphPass):
         if 0 in amap.out_shape:  # Reshape(y', [-1, 0, ...]) cannot infer the batch
             raise UnsupportedOpError(
                 node.name, "Affine", "mlp",
-                f"its output '{out.name}' has the zero-size per-sample shape "
+                f"its output '{out.name}' has the zero-size "
+                f"{'whole-tensor' if amap.whole else 'per-sample'} shape "
                 f"{list(amap.out_shape)}", "Use --form im2col, which keeps the op as it is",
             )
-        batch, m = g.batch_dim(out), amap.out_size
+        whole = amap.whole
+        batch, m = (1 if whole else g.batch_dim(out)), amap.out_size
         base = node.name or out.name
         new_nodes: list[gs.Node] = []
 
@@ -119,14 +128,17 @@ class EmitAffinePass(GraphPass):
             return y
 
         def flat(x: gs.Tensor) -> gs.Tensor:
-            if x.shape is not None and len(x.shape) == 2:
+            if x.shape is not None and len(x.shape) == 2 and (not whole or x.shape[0] == 1):
                 return x
-            if id(x) not in flat_cache:
-                y = gs.Variable(namer(f"{x.name}/flat"), dtype=x.dtype, shape=[batch, _size(x)])
-                flatten = gs.Node("Flatten", namer(f"{x.name}/Flatten"), {"axis": 1}, [x], [y])
+            key = (id(x), whole)
+            if key not in flat_cache:
+                size = math.prod(int(d) for d in x.shape) if whole else _size(x)
+                y = gs.Variable(namer(f"{x.name}/flat"), dtype=x.dtype, shape=[batch, size])
+                axis = 0 if whole else 1
+                flatten = gs.Node("Flatten", namer(f"{x.name}/Flatten"), {"axis": axis}, [x], [y])
                 graph.nodes.append(flatten)
-                flat_cache[id(x)] = y
-            return flat_cache[id(x)]
+                flat_cache[key] = y
+            return flat_cache[key]
 
         parts: list[gs.Tensor] = []
         for i, (x, a) in enumerate(zip(node.inputs, amap.terms)):
@@ -142,10 +154,12 @@ class EmitAffinePass(GraphPass):
             acc = add_node("Add", [acc, term], f"Add{j}", [batch, m])
         g.detach(node)
         graph.nodes.remove(node)
-        if len(amap.out_shape) == 1 and new_nodes and new_nodes[-1].outputs[0] is acc:
+        flat_out = amap.out_shape == (1, m) if whole else len(amap.out_shape) == 1
+        if flat_out and new_nodes and new_nodes[-1].outputs[0] is acc:
             new_nodes[-1].outputs[0] = out  # the last MatMul/Add writes the Affine's tensor
         else:  # restore the logical shape (or, for a bare identity, copy under the new name)
-            shape = gs.Constant(namer(f"{base}/shape"), np.array([-1, *amap.out_shape], np.int64))
+            target = list(amap.out_shape) if whole else [-1, *amap.out_shape]
+            shape = gs.Constant(namer(f"{base}/shape"), np.array(target, np.int64))
             add_node("Reshape", [acc, shape], "Reshape", None, output=out)
         graph.nodes.extend(new_nodes)
 
@@ -187,15 +201,17 @@ class FlattenRegionsPass(GraphPass):
         return z
 
     def _cancel(self, graph: gs.Graph, node: gs.Node) -> bool:
-        if not (g.is_op(node, "Flatten") and g.attr(node, "axis", 1) == 1):
-            if not g.is_op(node, "Reshape"):
-                return False
+        axis = g.attr(node, "axis", 1) if g.is_op(node, "Flatten") else None
+        if axis not in (0, 1) and not g.is_op(node, "Reshape"):
+            return False
         out = node.outputs[0]
         if out.shape is None or len(out.shape) != 2 or g.is_graph_output(graph, out):
             return False
         z = self._flat_source(node.inputs[0])
         if z is None or z.shape[1] != out.shape[1]:
             return False
+        if axis == 0 and not (z.shape[0] == 1 and out.shape[0] == 1):
+            return False  # Flatten(axis=0) gives (1, m): z must be one whole-tensor vector
         for consumer in list(out.outputs):
             for k, t in enumerate(consumer.inputs):
                 if t is out:

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.affine import AffineMap, affine_of, compose, emitted_bytes, is_affine, is_identity
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
+from onnx_lower.passes import sample_axis
 
 __all__ = ["FoldLinearPass", "fold_gain"]
 
@@ -81,6 +82,8 @@ class FoldLinearPass(GraphPass):
     """Fold chains of Affine nodes where the dense weights do not grow."""
 
     def run_on_graph(self, graph: gs.Graph, model: LoweringModel) -> bool:
+        # one vector space for every map: once one Affine is whole-tensor, all become so
+        sample_axis.promote(graph)
         before = _stats(graph)
         modified, changed = False, True
         while changed:

@@ -37,10 +37,23 @@ Patterns (spec: https://onnx.ai/onnx/operators/onnx__<Op>.html):
 An op is lowered only when its data inputs are float activations (batch first, static per-sample
 shape) and its parameters are constants. Anything else is left unchanged; :func:`explain` gives
 the reason, which ``check-mlp`` reports when the node is still there at the end.
+
+**Whole-tensor samples** (:mod:`onnx_lower.passes.sample_axis` decides when): a node refused per
+sample is lowered on the whole tensor by :func:`match_whole` when every graph input is static.
+The whole tensor ``x`` is seen as one sample of a virtual batch of 1, ``(1, *x.shape)``, so the
+same ``<op>_map`` functions apply with the full shape as the per-sample shape and every axis
+shifted by one. Elementwise ops (Add/Sub/Mul/Div, Sum/Mean, Neg, Identity, Dropout, Cast) use
+their per-sample handlers with :func:`activation_shape` returning full shapes
+(:func:`whole_tensor_samples`); Transpose, Gemm, MatMul, Flatten/Reshape/Squeeze/Unsqueeze,
+Concat, Split, Slice, Gather, Pad and ReduceSum/ReduceMean have their own handler; the others
+(BatchNormalization, whose axis 1 is the channel, Expand, Tile, DepthToSpace, SpaceToDepth) have
+none and stay refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -64,11 +77,14 @@ from onnx_lower.graph import (
     attr,
     const_value,
     detach,
+    flag,
     is_graph_output,
     is_op,
     sample_shape,
 )
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
+
+from . import sample_axis
 
 __all__ = [
     "LowerLinearPass",
@@ -77,6 +93,9 @@ __all__ = [
     "Refused",
     "explain",
     "match",
+    "match_whole",
+    "whole_tensor_samples",
+    "numpy_matmul_map",
     "batch_norm_map",
     "batch_norm_scale_shift",
     "gemm_map",
@@ -163,13 +182,38 @@ def activation_shape(t: gs.Tensor) -> tuple[int, ...]:
         )
     if t.shape is None:
         _refuse(f"the shape of '{t.name}' is unknown; run shape inference first")
+    if _WHOLE.get():
+        return _whole_shape(t)
     if len(t.shape) == 0:
         _refuse(f"input '{t.name}' is a scalar: it has no batch axis")
     return sample_shape(t)
 
 
+#: Set inside :func:`whole_tensor_samples`: the sample is the whole tensor.
+_WHOLE: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_tensor", default=False)
+
+
+@contextlib.contextmanager
+def whole_tensor_samples():
+    """Within: :func:`activation_shape` gives full shapes and there is no batch axis to check."""
+    token = _WHOLE.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
+def _whole_shape(t: gs.Tensor) -> tuple[int, ...]:
+    """The full shape of ``t``, which must be static (a whole-tensor sample)."""
+    if t.shape is None or not all(_static(d) and d >= 0 for d in t.shape):
+        _refuse(f"the shape {t.shape} of '{t.name}' is not static")
+    return tuple(int(d) for d in t.shape)
+
+
 def same_batch(a: gs.Tensor, b: gs.Tensor) -> None:
     """Refuse two activations whose batch axes broadcast against each other."""
+    if _WHOLE.get():
+        return
     da, db = a.shape[0], b.shape[0]
     static = isinstance(da, (int, np.integer)), isinstance(db, (int, np.integer))
     if all(static) and da != db or (static[0] and da == 1) != (static[1] and db == 1):
@@ -341,9 +385,25 @@ def matmul_map(in_shape: Sequence[int], w: np.ndarray, const_left: bool = False)
                     "batch axis: they differ between samples"
                 )
             w = w[0]
+    return numpy_matmul_map(xs, w, const_left)
+
+
+def numpy_matmul_map(x_shape: Sequence[int], w: np.ndarray, const_left: bool = False) -> AffineMap:
+    """numpy's matmul of an operand of shape ``x_shape`` with the constant ``w`` (rank-1 operands
+    promoted and their axis removed, leading axes broadcast), as a map of the flat operand.
+
+    :func:`matmul_map` calls it on the per-sample shape once the batch axis is checked; the
+    whole-tensor lowering calls it on the full shape.
+    """
+    xs = tuple(int(d) for d in x_shape)
+    w = _f64(w)
+    if w.ndim == 0 or not xs:
+        _refuse("MatMul with a scalar operand is invalid")
+    x_vector = len(xs) == 1
     if const_left:
         wm = w.reshape(1, -1) if w.ndim == 1 else w  # (*Bw, M, K)
-        bx, (k, t) = xs[:-2], xs[-2:]
+        x2 = (xs[0], 1) if x_vector else xs
+        bx, (k, t) = x2[:-2], x2[-2:]
         m = wm.shape[-2]
         if wm.shape[-1] != k:
             _refuse(f"MatMul shapes {w.shape} @ {xs} do not match (per sample)")
@@ -384,9 +444,9 @@ def matmul_map(in_shape: Sequence[int], w: np.ndarray, const_left: bool = False)
         shape=(n_rows, math.prod(xs)),
     )
     term.eliminate_zeros()
-    if const_left and w.ndim == 1:
-        out = (*bo, t)
-    elif not const_left:
+    if const_left:  # rank-1 operands lose their promoted axis
+        out = (*bo, *(() if w.ndim == 1 else (m,)), *(() if x_vector else (t,)))
+    else:
         if len(xs) == 1:
             out = (*out[:-2], out[-1])
         if w.ndim == 1:
@@ -860,7 +920,7 @@ def merge_terms(inputs: Sequence[gs.Tensor], amap: AffineMap) -> tuple[list[gs.T
             terms.append(m)
     if len(merged) == len(inputs):
         return list(inputs), amap
-    return merged, AffineMap(terms, amap.bias, amap.out_shape)
+    return merged, AffineMap(terms, amap.bias, amap.out_shape, whole=amap.whole)
 
 
 @dataclasses.dataclass
@@ -964,14 +1024,14 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
         )
     xs = activation_shape(a)
     # Defaults (https://onnx.ai/onnx/operators/onnx__Gemm.html): alpha=beta=1, transA=transB=0.
-    if int(attr(node, "transA", 0)):
+    if flag(node, "transA"):
         _refuse("transA=1 with the activation as A contracts the batch axis")
     wb = const_value(b)
     if wb is None:
         _refuse("Gemm of two activations is not linear")
     c = _const_input(node, 2, "C")
     amap = gemm_map(
-        xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), bool(attr(node, "transB", 0))
+        xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), flag(node, "transB")
     )
     return Lowering([a], [amap])
 
@@ -1036,7 +1096,12 @@ def _lower_dropout(node: gs.Node, ctx: _Ctx) -> Lowering:
     if ctx.opset <= 6 and not int(attr(node, "is_test", 0)):
         _refuse("is_test=0 (training mode before opset 7)")
     if len(node.outputs) > 1 and _used(ctx.graph, node.outputs[1]):
-        _refuse("the mask output is used")
+        if ctx.opset < 12:
+            _refuse(
+                "the mask output is used, and before opset 12 its inference value is ambiguous: "
+                "all false in onnxruntime, all true in ONNX's reference; use opset 12 or later"
+            )
+        _refuse("the mask output is used and its shape is not static")
     return _single(node, AffineMap([identity(math.prod(xs))], None, xs))
 
 
@@ -1258,6 +1323,199 @@ def _check_outputs(node: gs.Node, low: Lowering) -> None:
                 )
 
 
+# --- whole-tensor samples: the tensor is one sample of a virtual batch of 1 ----------------------
+
+
+def _shift(axis: int, rank: int) -> int:
+    """Axis ``axis`` of a rank-``rank`` tensor, counted on ``(1, *shape)``."""
+    return _axis(axis, rank) + 1
+
+
+def _whole_reshape(node: gs.Node, ctx: _Ctx) -> Lowering:
+    """Flatten, Reshape, Squeeze, Unsqueeze: the C-order data is unchanged, the shape inferred."""
+    x, xs = _data(node)
+    return _single(node, reshape_map(xs, _whole_shape(node.outputs[0])))
+
+
+def _whole_transpose(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x, xs = _data(node)
+    r = len(xs)
+    perm = attr(node, "perm")  # default: reversed axes
+    perm = list(range(r))[::-1] if perm is None else [_axis(p, r, "perm entry") for p in perm]
+    return _single(node, transpose_map(xs, [0, *(p + 1 for p in perm)]))
+
+
+def _transposed(xs: tuple[int, ...]) -> AffineMap:
+    if len(xs) != 2:
+        _refuse(f"Gemm's operands must be matrices, got shape {xs}")
+    return transpose_map(xs, [0, 2, 1])
+
+
+def _whole_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
+    """``y = α·op(A)·op(B) + β·C`` with either operand the activation, C broadcast to (M, N)."""
+    # Defaults (https://onnx.ai/onnx/operators/onnx__Gemm.html): alpha=beta=1, transA=transB=0.
+    a, b = _input(node, 0), _input(node, 1)
+    ca, cb = const_value(a), const_value(b)
+    if (ca is None) == (cb is None):
+        _refuse(ALL_CONSTANT if ca is not None else "Gemm of two activations is not linear")
+    x = a if cb is not None else b
+    trans_x, trans_w = (("transA", "transB") if cb is not None else ("transB", "transA"))
+    xs = activation_shape(x)
+    t = _transposed(xs) if int(attr(node, trans_x, 0)) else None
+    w = _f64(cb if cb is not None else ca)
+    if w.ndim != 2:
+        _refuse(f"Gemm's constant operand must be a matrix, got shape {w.shape}")
+    w = w.T if int(attr(node, trans_w, 0)) else w
+    mm = numpy_matmul_map(t.out_shape if t else xs, w, const_left=cb is None)
+    term = mm.terms[0] if t is None else mm.terms[0] @ t.terms[0]
+    term = float(attr(node, "alpha", 1.0)) * term
+    c, beta = _const_input(node, 2, "C"), float(attr(node, "beta", 1.0))
+    bias = None
+    if c is not None and beta != 0.0:
+        try:
+            bias = beta * np.broadcast_to(_f64(c), mm.out_shape).reshape(-1)
+        except ValueError:
+            _refuse(f"Gemm's C of shape {np.shape(c)} does not broadcast to {mm.out_shape}")
+    return Lowering([x], [AffineMap([term], bias, mm.out_shape)])
+
+
+def _whole_matmul(node: gs.Node, ctx: _Ctx) -> Lowering:
+    a, b = node.inputs[0], node.inputs[1]
+    ca, cb = const_value(a), const_value(b)
+    if (ca is None) == (cb is None):
+        _refuse(ALL_CONSTANT if ca is not None else "MatMul of two activations is not linear")
+    if cb is not None:
+        return Lowering([a], [numpy_matmul_map(activation_shape(a), cb, const_left=False)])
+    return Lowering([b], [numpy_matmul_map(activation_shape(b), ca, const_left=True)])
+
+
+def _whole_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
+    acts, parts = [], []
+    for t in _inputs(node):
+        c = const_value(t)
+        if c is None:
+            parts.append(activation_shape(t))
+            acts.append(t)
+        else:
+            parts.append(np.asarray(c)[None])  # one sample of the virtual batch
+    if not acts:
+        _refuse(ALL_CONSTANT)
+    return Lowering(acts, [concat_map(parts, _shift(attr(node, "axis"), len(parts[0])))])
+
+
+def _whole_split(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x, xs = _data(node)
+    axis = _shift(attr(node, "axis", 0), len(xs))  # default 0 (spec)
+    split = attr(node, "split")
+    if split is None:
+        split = _ints(_const_input(node, 1, "split"))
+    n_out = int(attr(node, "num_outputs", len(node.outputs)))
+    if n_out != len(node.outputs):
+        _refuse(f"num_outputs={n_out} but the node has {len(node.outputs)} outputs")
+    return Lowering([x], split_maps(xs, axis, split_sizes(xs[axis - 1], n_out, split)))
+
+
+def _whole_slice(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x, xs = _data(node)
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends = attr(node, "starts"), attr(node, "ends")
+        axes, steps = attr(node, "axes"), None
+    else:
+        starts = _ints(_const_input(node, 1, "starts", required=True))
+        ends = _ints(_const_input(node, 2, "ends", required=True))
+        axes = _ints(_const_input(node, 3, "axes"))
+        steps = _ints(_const_input(node, 4, "steps"))
+    axes = range(len(starts)) if axes is None else axes
+    return _single(node, slice_map(xs, starts, ends, [_shift(a, len(xs)) for a in axes], steps))
+
+
+def _whole_gather(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x = node.inputs[0]
+    if const_value(x) is not None:
+        _refuse("Gather from a constant table by activation indices is a lookup, not linear")
+    xs = activation_shape(x)
+    idx = _const_input(node, 1, "indices", required=True)
+    return _single(node, gather_map(xs, idx, _shift(attr(node, "axis", 0), len(xs))))
+
+
+def _whole_reduce(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x, xs = _data(node)
+    # keepdims default 1, noop_with_empty_axes default 0: spec of ReduceSum / ReduceMean.
+    keepdims = bool(attr(node, "keepdims", 1))
+    axes = attr(node, "axes")
+    if axes is None:
+        axes = _ints(_const_input(node, 1, "axes"))
+    if not axes:
+        if int(attr(node, "noop_with_empty_axes", 0)) and "axes" not in node.attrs:
+            return _single(node, reshape_map(xs, xs))
+        axes = range(len(xs))
+    axes = [_shift(a, len(xs)) for a in axes]
+    return _single(node, reduce_map(xs, axes, keepdims, mean=is_op(node, "ReduceMean")))
+
+
+def _whole_pad(node: gs.Node, ctx: _Ctx) -> Lowering:
+    xs = _data(node)[1]
+    r = len(xs)
+    mode = attr(node, "mode", "constant")  # https://onnx.ai/onnx/operators/onnx__Pad.html
+    if "pads" in node.attrs or "paddings" in node.attrs:  # opset < 11
+        pads = attr(node, "pads", attr(node, "paddings"))
+        value, axes = float(attr(node, "value", 0.0)), None
+    else:
+        pads = _ints(_const_input(node, 1, "pads", required=True))
+        v = _const_input(node, 2, "constant_value")
+        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
+        axes = _ints(_const_input(node, 3, "axes"))
+    if axes is None:
+        if len(pads) != 2 * r:
+            _refuse(f"Pad has {len(pads)} pads for a tensor of rank {r}")
+        pads = [0, *pads[:r], 0, *pads[r:]]
+    else:
+        axes = [_shift(a, r) for a in axes]
+    return _single(node, pad_map(xs, pads, mode, value, axes))
+
+
+#: Whole-tensor lowerings: ops with axes get their own; elementwise ops reuse the per-sample ones.
+_WHOLE_HANDLERS: dict[str, Callable[[gs.Node, _Ctx], Lowering]] = {
+    **{op: _HANDLERS[op] for op in (
+        "Add", "Sub", "Mul", "Div", "Sum", "Mean", "Neg", "Identity", "Dropout", "Cast")},
+    **{op: _whole_reshape for op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze")},
+    "Transpose": _whole_transpose,
+    "Gemm": _whole_gemm,
+    "MatMul": _whole_matmul,
+    "Concat": _whole_concat,
+    "Split": _whole_split,
+    "Slice": _whole_slice,
+    "Gather": _whole_gather,
+    "ReduceSum": _whole_reduce,
+    "ReduceMean": _whole_reduce,
+    "Pad": _whole_pad,
+}
+
+
+def match_whole(node: gs.Node, graph: gs.Graph, opset: int) -> Lowering | str | LoweringError:
+    """The node's lowering on whole-tensor samples (maps with ``whole=True``), or why not."""
+    if not is_op(node, *_WHOLE_HANDLERS):
+        return f"{node.op} has no whole-tensor lowering"
+    try:
+        with whole_tensor_samples():
+            low = _WHOLE_HANDLERS[node.op](node, _Ctx(graph, opset))
+            for out, amap in zip(node.outputs, low.maps):
+                if not is_float(out):
+                    _refuse(f"output '{out.name}' is not a float tensor")
+                if out.shape is not None and tuple(_whole_shape(out)) != amap.out_shape:
+                    _refuse(
+                        f"the computed shape {amap.out_shape} disagrees with the inferred "
+                        f"shape {list(out.shape)} of '{out.name}'"
+                    )
+    except Refused as exc:
+        return exc.reason
+    except DynamicShapeError as exc:
+        return exc
+    for amap in low.maps:
+        amap.whole = True
+    return low
+
+
 def match(node: gs.Node, graph: gs.Graph, opset: int) -> Lowering | str | LoweringError:
     """The node's lowering, or why it has none (a reason, or the shape error to raise)."""
     if not is_op(node, *_HANDLERS):
@@ -1290,6 +1548,11 @@ class LowerLinearPass(GraphPass):
             if not is_op(node, *_HANDLERS):
                 continue
             result = match(node, graph, model.opset)
+            if isinstance(result, str) and sample_axis.whole_tensor_allowed(graph, model):
+                whole = match_whole(node, graph, model.opset)
+                if isinstance(whole, Lowering):
+                    sample_axis.enter(model, node, result)
+                    result = whole
             if isinstance(result, Lowering):
                 result.apply(graph, node)
                 modified = True

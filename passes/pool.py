@@ -17,23 +17,11 @@ in-bounds tap of window ``o``. Padded taps contribute 0 to the sum; the divisor 
 A window without any in-bounds tap (possible only with dilations, e.g. kernel 2, dilation 2,
 pad 1 over an input of extent 1) gets an empty row, i.e. output 0.
 
-MaxPool (https://onnx.ai/onnx/operators/onnx__MaxPool.html) pads with −inf, so a padded tap never
-wins. It is realised with MatMul/Add/Relu only, through
-
-    max(a, b) = b + relu(a − b).
-
-Each window's K candidates are gathered from the input (``c_0 = gather · x``, window-major:
-index ``w*K + t`` with ``w = c*S_out + o``); padded taps are replaced by a valid tap of the same
-window (its first), which cannot change the maximum because ``max(a, a) = a``, and which keeps
-every window at exactly K candidates. Each tournament level pairs candidates ``(2j, 2j+1)``:
-
-    d = diff · c_l,   r = relu(d),   c_{l+1} = r + keep · c_l,
-
-``diff`` rows giving ``a − b`` and ``keep`` rows selecting ``b``. If a level has an odd number
-of candidates the last one plays against itself (zero ``diff`` row, ``keep`` selects it). After
-``ceil(log2 K)`` levels one candidate per window is left: the output in C order ``(c, o)``.
-A MaxPool window without any in-bounds tap raises ``ValueError`` (onnxruntime outputs the
-lowest double there).
+MaxPool (https://onnx.ai/onnx/operators/onnx__MaxPool.html) is a network of pairwise maxima
+``max(a, b) = b + relu(a − b)`` in ReLU levels; the plans that build it (the per-window
+tournament and the separable / sliding / doubling plans that share the maxima of overlapping
+windows) are in :mod:`onnx_lower.passes.pool_max`. The ``lower-pool`` pass emits the plan with
+the fewest ReLUs.
 
 ``auto_pad`` SAME_UPPER/SAME_LOWER with a dilation other than 1 is refused (``ValueError``):
 onnxruntime sizes those pads from the undilated kernel, contradicting the spec's
@@ -45,12 +33,11 @@ GlobalAveragePool / GlobalMaxPool are the same functions with ``kernel = global_
 in_shape)`` (the whole spatial extent) and default strides/pads.
 
 All matrices are float64 ``scipy.sparse.csr_matrix``, built directly from vectorised index
-arithmetic; the only Python loop runs over the ``ceil(log2 K)`` tournament levels.
+arithmetic.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,12 +45,22 @@ import onnx_graphsurgeon as gs
 import scipy.sparse as sp
 
 from onnx_lower import graph as g
-from onnx_lower.affine import AffineMap, identity, make_affine, replace_with_affine
+from onnx_lower.affine import AffineMap, make_affine, replace_with_affine
 from onnx_lower.errors import UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 from onnx_lower.windows import Windows, resolve_pads, sliding_windows
 
+from .pool_max import (
+    MAX_POOL_PLANS,
+    Tournament,
+    TournamentLevel,
+    max_pool_levels,
+    max_pool_taps,
+    run_tournament,
+)
+
 __all__ = [
+    "MAX_POOL_PLANS",
     "avg_pool_matrix",
     "max_pool_taps",
     "max_pool_tournament",
@@ -176,78 +173,6 @@ def avg_pool_matrix(
     return a, (channels, *win.out_shape)
 
 
-def max_pool_taps(windows: Windows) -> np.ndarray:
-    """``(S_out, K)`` taps with every padding tap replaced by the window's first valid tap.
-
-    Raises ``ValueError`` if a window has no valid tap (its max would be −inf).
-    """
-    valid = windows.valid
-    has_valid = valid.any(axis=1)
-    if not has_valid.all():
-        o = int(np.flatnonzero(~has_valid)[0])
-        raise ValueError(f"max pool window {o} has no tap inside the input (all padding)")
-    first = windows.taps[np.arange(valid.shape[0]), valid.argmax(axis=1)]
-    return np.where(valid, windows.taps, first[:, None])
-
-
-@dataclasses.dataclass(frozen=True)
-class TournamentLevel:
-    """One level of a max tournament over ``m`` windows with ``k`` candidates each.
-
-    ``diff`` and ``keep`` are (m*h, m*k) with ``h = ceil(k/2)``: row ``w*h + j`` of ``diff`` gives
-    ``a - b`` for the pair ``(a, b) = (c[w*k + 2j], c[w*k + 2j + 1])`` and row ``w*h + j`` of
-    ``keep`` selects ``b``; for odd ``k`` the last candidate plays itself (zero ``diff`` row).
-    """
-
-    diff: sp.csr_matrix
-    keep: sp.csr_matrix
-
-    @property
-    def in_size(self) -> int:
-        return self.diff.shape[1]
-
-    @property
-    def out_size(self) -> int:
-        return self.diff.shape[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tournament:
-    """MaxPool as ``c_0 = gather · x``, then per level ``c_{l+1} = relu(diff·c_l) + keep·c_l``.
-
-    ``gather`` is (C*S_out*K, C*S_in); the final ``c_L`` has size C*S_out in C order (c, o).
-    """
-
-    gather: sp.csr_matrix
-    levels: list[TournamentLevel]
-    out_shape: tuple[int, ...]
-
-    @property
-    def depth(self) -> int:
-        return len(self.levels)
-
-
-def _tournament_level(m: int, k: int) -> TournamentLevel:
-    """The pairing matrices for ``m`` windows of ``k`` candidates each."""
-    h, p = -(-k // 2), k // 2
-    offsets = np.arange(m, dtype=np.int64)[:, None] * k
-    # diff: per window, rows j < p hold (+1 at 2j, -1 at 2j+1); an odd last row is empty.
-    pair_cols = np.arange(2 * p, dtype=np.int64)
-    diff_idx = (offsets + pair_cols).ravel()
-    diff_data = np.tile(np.resize(np.array([1.0, -1.0]), 2 * p), m)
-    diff_counts = np.tile(np.r_[np.full(p, 2, dtype=np.int64), np.zeros(h - p, np.int64)], m)
-    diff_ptr = np.zeros(m * h + 1, dtype=np.int64)
-    np.cumsum(diff_counts, out=diff_ptr[1:])
-    diff = sp.csr_matrix((diff_data, diff_idx, diff_ptr), shape=(m * h, m * k))
-    # keep: row j selects 2j+1 (the second of the pair), or k-1 for the unpaired last one.
-    keep_cols = np.minimum(2 * np.arange(h, dtype=np.int64) + 1, k - 1)
-    keep_idx = (offsets + keep_cols).ravel()
-    keep = sp.csr_matrix(
-        (np.ones(m * h), keep_idx, np.arange(m * h + 1, dtype=np.int64)), shape=(m * h, m * k)
-    )
-    return TournamentLevel(diff, keep)
-
-
 def max_pool_tournament(
     in_shape: Sequence[int],
     kernel: Sequence[int],
@@ -257,8 +182,13 @@ def max_pool_tournament(
     dilations: Sequence[int] | None = None,
     ceil_mode: bool = False,
     auto_pad: str | bytes = "NOTSET",
+    plan: str = "tournament",
 ) -> Tournament:
-    """ONNX MaxPool over ``in_shape = (C, *spatial)`` as a ReLU tournament (module docstring)."""
+    """ONNX MaxPool over ``in_shape = (C, *spatial)`` as ReLU levels built by ``plan``.
+
+    ``plan`` is one of :data:`~onnx_lower.passes.pool_max.MAX_POOL_PLANS`; the default is the
+    per-window tournament, ``"auto"`` the plan with the fewest ReLUs.
+    """
     win, _ = pool_windows(
         in_shape,
         kernel,
@@ -268,27 +198,7 @@ def max_pool_tournament(
         ceil_mode=ceil_mode,
         auto_pad=auto_pad,
     )
-    channels = int(in_shape[0])
-    taps = max_pool_taps(win)
-    s_out, k = taps.shape
-    ones = np.ones(taps.size)
-    gather = _channel_csr(
-        taps.ravel(), ones, np.ones(taps.size, dtype=np.int64), channels, win.in_size
-    )
-    m = channels * s_out
-    levels = []
-    while k > 1:
-        levels.append(_tournament_level(m, k))
-        k = -(-k // 2)
-    return Tournament(gather, levels, (channels, *win.out_shape))
-
-
-def run_tournament(t: Tournament, x_flat: np.ndarray) -> np.ndarray:
-    """Evaluate a tournament in numpy: ``x_flat`` (N, C*S_in) -> (N, C*S_out)."""
-    c = t.gather @ np.asarray(x_flat, dtype=np.float64).T
-    for level in t.levels:
-        c = np.maximum(level.diff @ c, 0.0) + level.keep @ c
-    return np.ascontiguousarray(c.T)
+    return max_pool_levels(win, int(in_shape[0]), plan)
 
 
 # --- passes ---
@@ -322,7 +232,7 @@ def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, ke
             "its Indices output is used, and argmax indices are out of scope",
             "Remove the Indices consumer, or keep this node with --form im2col",
         )
-    t = max_pool_tournament(in_shape, kernel, **attrs)
+    t = max_pool_tournament(in_shape, kernel, plan="auto", **attrs)
     x, out = node.inputs[0], node.outputs[0]
     batch, dtype = g.batch_dim(x), x.dtype
 
@@ -343,13 +253,13 @@ def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, ke
     candidates = new_var("taps", t.gather.shape[0]) if t.levels else out
     affine([x], [t.gather], candidates, "gather")
     for i, level in enumerate(t.levels):
-        diff = new_var(f"diff{i}", level.out_size)
-        relu = new_var(f"relu{i}", level.out_size)
+        diff = new_var(f"diff{i}", level.relus)
+        relu = new_var(f"relu{i}", level.relus)
         nxt = out if i == len(t.levels) - 1 else new_var(f"max{i}", level.out_size)
         affine([candidates], [level.diff], diff, f"diff{i}")
         relu_node = gs.Node("Relu", namer(f"{node.name}/Relu{i}"), inputs=[diff], outputs=[relu])
         graph.nodes.append(relu_node)
-        affine([relu, candidates], [identity(level.out_size), level.keep], nxt, f"max{i}")
+        affine([relu, candidates], [level.place, level.keep], nxt, f"max{i}")
         candidates = nxt
     g.detach(node)
     graph.nodes.remove(node)
@@ -357,7 +267,8 @@ def _lower_max_pool(graph: gs.Graph, node: gs.Node, namer: g.Namer, in_shape, ke
 
 @register_pass("lower-pool")
 class LowerPoolPass(GraphPass):
-    """MaxPool/GlobalMaxPool → ReLU tournament; AveragePool/GlobalAveragePool → Affine."""
+    """MaxPool/GlobalMaxPool → ReLU levels (fewest-ReLU plan); AveragePool/GlobalAveragePool →
+    Affine."""
 
     OPS = ("MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "LpPool")
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from onnx_lower.affine import affine_of
 from onnx_lower.errors import DynamicShapeError, UnsupportedOpError
 from onnx_lower.graph import import_graph
 from onnx_lower.pass_manager import LoweringModel, get_pass
@@ -64,7 +65,14 @@ def test_prelu(slope_shape):
 
 def test_prelu_refusals():
     refused(op_model("PRelu", [("x", (3,)), ("s", (3,))]), "activation", ACT)
-    refused(op_model("PRelu", [("x", (3,)), rand(2, 3)], batch=2), "batch axis", ACT)
+    refused(op_model("PRelu", [("x", (3,)), rand(2, 3)]), "batch axis", ACT)
+
+
+def test_prelu_slope_along_a_static_axis0_is_whole_tensor():
+    """The (3, 4, 5) slope of the ONNX backend case varies along axis 0; static, it is exact."""
+    lm = check(op_model("PRelu", [("x", (4, 5)), rand(3, 4, 5)], batch=3), ACT, allowed=MLP)
+    assert relus(lm) == 1
+    assert all(affine_of(n).whole for n in lm.graph.nodes if affine_of(n) is not None)
 
 
 # --- Clip / HardSigmoid ------------------------------------------------------------------------
@@ -244,7 +252,7 @@ def test_check_mlp_mul_of_activations_reason():
 
 
 def test_check_mlp_refusal_reason_from_linear():
-    model = op_model("Transpose", [("x", (3, 4))], {"perm": [1, 0, 2]}, batch=2)
+    model = op_model("Transpose", [("x", (3, 4))], {"perm": [1, 0, 2]})
     with pytest.raises(UnsupportedOpError, match="moves the batch"):
         run_check(model)
 
@@ -283,10 +291,7 @@ def test_check_mlp_dynamic_shape():
 
 # --- ONNX backend node tests -------------------------------------------------------------------
 
-_CONST_BATCH = "a constant input varies along axis 0, which is the batch here"
-
 SKIP: dict[str, str] = {
-    "test_prelu_example": _CONST_BATCH,
     **{f"test_clip_default_int8_{t}": _INT for t in ("min", "max", "inbounds")},
     **{f"test_{op}_{t}": _INT for op in ("max", "min")
        for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},

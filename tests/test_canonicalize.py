@@ -485,18 +485,48 @@ def test_identity_from_input_to_output_stays():
     assert g.op_counts(lm.graph) == {"Identity": 1}
 
 
-def test_dropout_with_used_mask_or_training_mode_stays():
+def test_dropout_in_training_mode_stays():
+    nodes = [
+        helper.make_node("Dropout", ["x", "ratio", "train"], ["z", "mask"]),
+        helper.make_node("Dropout", ["x", "ratio", "flag"], ["w"]),  # not a constant
+        helper.make_node("Add", ["z", "w"], ["y"]),
+    ]
+    inits = [init("ratio", np.array(0.5, np.float32)), init("train", np.array(True))]
+    model = make_model(nodes, [vi("x", [3]), vi("flag", [], TensorProto.BOOL)], [vi("y", [3]),
+                       vi("mask", [3], TensorProto.BOOL)], inits)
+    lm, pm = run(model, "remove-identity")
+    assert modified(pm) == {"remove-identity": False}
+    assert g.op_counts(lm.graph)["Dropout"] == 2
+
+
+@pytest.mark.parametrize("opset", [12, 13, 22])
+def test_inference_dropout_with_a_used_mask_gives_a_constant_mask(opset):
+    """The mask of an inference Dropout is all true: a bool initializer of ones, here read by a
+    Cast and a graph output."""
     nodes = [
         helper.make_node("Dropout", ["x"], ["a", "mask"]),
         helper.make_node("Cast", ["mask"], ["mf"], to=F),
         helper.make_node("Add", ["a", "mf"], ["y"]),
-        helper.make_node("Dropout", ["x", "ratio", "train"], ["z"]),
     ]
-    inits = [init("ratio", np.array(0.5, np.float32)), init("train", np.array(True))]
-    model = make_model(nodes, [vi("x", [3])], [vi("y", [3]), vi("z", [3])], inits)
-    lm, pm = run(model, "remove-identity")
-    assert modified(pm) == {"remove-identity": False}
-    assert g.op_counts(lm.graph)["Dropout"] == 2
+    model = make_model(nodes, [vi("x", [2, 3])],
+                       [vi("y", [2, 3]), vi("mask", [2, 3], TensorProto.BOOL)], opset=opset)
+    lm, pm = run(model, "resolve-shapes", "remove-identity", verify_each=True)
+    assert g.op_counts(lm.graph) == {"Add": 1, "Cast": 1}
+    out = lm.to_proto()
+    assert [t.name for t in out.graph.initializer] == ["mask"]
+    assert io_signature(out) == io_signature(model)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("opset", [7, 10])
+def test_dropout_mask_before_opset_12_stays(opset):
+    """onnxruntime's mask is all false there, the ONNX reference's all true: left alone."""
+    mask_type = TensorProto.BOOL if opset >= 10 else F
+    nodes = [helper.make_node("Dropout", ["x"], ["y", "mask"])]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3]), vi("mask", [2, 3], mask_type)],
+                       opset=opset)
+    lm, pm = run(model, "resolve-shapes", "remove-identity")
+    assert g.op_counts(lm.graph) == {"Dropout": 1}
 
 
 def test_dropout_with_unused_mask_and_constant_false_training_mode_goes():

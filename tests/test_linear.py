@@ -148,7 +148,8 @@ def evaluate(graph, feeds: dict[str, np.ndarray], fallback=None) -> list[np.ndar
             if is_affine(node):
                 amap = affine_of(node)
                 if amap.out_size == 0:  # empty slices: apply() cannot reshape size-0 arrays
-                    out = [np.zeros((len(ins[0]), *amap.out_shape))]
+                    shape = amap.out_shape if amap.whole else (len(ins[0]), *amap.out_shape)
+                    out = [np.zeros(shape)]
                 else:
                     out = [amap.apply(ins)]
             elif is_op(node, "Relu"):
@@ -302,10 +303,22 @@ def test_gemm(opset, trans_b, c_shape, alpha, beta):
 
 
 def test_gemm_refusals():
-    refused(op_model("Gemm", [("x", (4,)), rand(4, 5)], {"transA": 1}, batch=4), "transA=1")
+    """With a dynamic batch; a static one is the whole-tensor lowering below."""
+    refused(op_model("Gemm", [("x", (4,)), rand(4, 5)], {"transA": 1}), "transA=1")
     refused(op_model("Gemm", [rand(5, 3), ("x", (2,))]), "contracts the batch axis")
-    refused(op_model("Gemm", [("x", (4,)), rand(4, 5), rand(3, 5)], batch=3), "one row per")
+    refused(op_model("Gemm", [("x", (4,)), rand(4, 5), rand(3, 5)]), "one row per")
     refused(op_model("Gemm", [("x", (4,)), ("w", (5,))], batch=4), "two activations")
+
+
+def test_gemm_mixing_a_static_axis0_is_whole_tensor():
+    for model in (
+        op_model("Gemm", [("x", (4,)), rand(4, 5)], {"transA": 1, "alpha": 0.5}, batch=4),
+        op_model("Gemm", [rand(5, 3), ("x", (2,)), rand(5, 2)], {"beta": 2.0}, batch=3),
+        op_model("Gemm", [rand(3, 5), ("x", (3,))], {"transA": 1, "transB": 1}, batch=2),
+        op_model("Gemm", [("x", (4,)), rand(4, 5), rand(3, 5)], batch=3),
+    ):
+        lm = check(model)
+        assert all(affine_of(n).whole for n in lm.graph.nodes)
 
 
 # --- MatMul ------------------------------------------------------------------------------------
@@ -342,10 +355,23 @@ def test_matmul_const_left(xs, ws):
 
 
 def test_matmul_refusals():
+    """With a dynamic batch; a static one is the whole-tensor lowering below."""
     refused(op_model("MatMul", [("x", (4,)), rand(2, 4, 5)]), "more batch axes")
-    refused(op_model("MatMul", [("x", (3, 4)), rand(2, 4, 5)], batch=2), "differ between")
-    refused(op_model("MatMul", [rand(5, 3), ("x", (4,))], batch=3), "contract axis 0")
+    refused(op_model("MatMul", [("x", (3, 4)), rand(2, 4, 5)]), "differ between")
+    refused(op_model("MatMul", [rand(5, 3), ("x", (4,))]), "contract axis 0")
     refused(op_model("MatMul", [("x", (4,)), ("w", (4,))], batch=4), "two activations")
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape", "const_left"), [
+    ((4,), (4,), False), ((4,), (4, 5), False), ((4,), (2, 4, 5), False),
+    ((2, 3, 4), (2, 4, 5), False), ((3,), (5, 3), True), ((3,), (2, 5, 3), True),
+    ((2, 3, 4), (2, 5, 3), True), ((3, 4), (5, 3), True),
+])
+def test_matmul_mixing_a_static_axis0_is_whole_tensor(x_shape, w_shape, const_left):
+    inputs = [rand(*w_shape), ("x", x_shape[1:])] if const_left else [
+        ("x", x_shape[1:]), rand(*w_shape)]
+    lm = check(op_model("MatMul", inputs, batch=x_shape[0]))
+    assert all(affine_of(n).whole for n in lm.graph.nodes)
 
 
 def test_matmul_map_is_sparse_kron():
@@ -389,7 +415,8 @@ def test_elementwise_refusals():
     refused(op_model("Div", [rand(3), ("x", (3,))]), "not linear")
     refused(op_model("Mul", [("x", (3,)), ("z", (3,))]), "two activations is not linear")
     refused(op_model("Div", [("x", (3,)), np.array([1.0, 0.0, 2.0])]), "containing 0")
-    refused(op_model("Add", [("x", (3,)), rand(2, 3)], batch=2), "along axis 0, the batch")
+    refused(op_model("Add", [("x", (3,)), rand(2, 3)]), "along axis 0, the batch")
+    check(op_model("Add", [("x", (3,)), rand(2, 3)], batch=2))  # static: whole-tensor
     refused(op_model("Add", [("x", (3,)), rand(1, 2, 3)]), "more axes")
 
 
@@ -515,7 +542,9 @@ def test_concat(axis):
 
 def test_concat_refusals():
     refused(op_model("Concat", [("a", (2,)), ("b", (2,))], {"axis": 0}), "batch axis")
-    refused(op_model("Concat", [("a", (2,)), rand(2, 2)], {"axis": 1}, batch=2), "size 1")
+    refused(op_model("Concat", [("a", (2,)), rand(2, 2)], {"axis": 1}), "size 1")
+    check(op_model("Concat", [("a", (2,)), rand(2, 2)], {"axis": 1}, batch=2))
+    check(op_model("Concat", [("a", (2,)), ("b", (2,))], {"axis": 0}, batch=3))
 
 
 @pytest.mark.parametrize(
@@ -535,7 +564,8 @@ def test_split(opset, attrs, split, n, sample):
 
 
 def test_split_batch_refused():
-    refused(op_model("Split", [("x", (4,))], {"axis": 0}, n_outputs=2, batch=4), "batch axis")
+    refused(op_model("Split", [("x", (4,))], {"axis": 0}, n_outputs=2), "batch axis")
+    check(op_model("Split", [("x", (4,))], {"axis": 0}, n_outputs=2, batch=4))
 
 
 # --- Slice / Gather ----------------------------------------------------------------------------
@@ -623,8 +653,9 @@ def test_squeeze_unsqueeze():
     check(op_model("Squeeze", [("x", (1, 3, 1))], opset=13))
     check(op_model("Unsqueeze", [("x", (3,))], {"axes": [1, -1]}, opset=11))
     check(op_model("Unsqueeze", [("x", (3,)), np.array([2, 1], np.int64)], opset=13))
-    refused(op_model("Squeeze", [("x", (3,))], {"axes": [0]}, opset=11, batch=1), "batch")
-    refused(op_model("Squeeze", [("x", (3,))], opset=11, batch=1), "batch axis")
+    refused(op_model("Squeeze", [("x", (3,))], {"axes": [0]}, opset=11), "batch")
+    check(op_model("Squeeze", [("x", (3,))], {"axes": [0]}, opset=11, batch=1))
+    check(op_model("Squeeze", [("x", (3,))], opset=11, batch=1))
     refused(op_model("Unsqueeze", [("x", (3,)), np.array([0], np.int64)], opset=13), "axis 0")
 
 
@@ -860,63 +891,16 @@ def run_conformance(op: str, skip: dict[str, str], counts: dict) -> None:
     assert set(skip) <= {c.name for c in _all_backend_cases()}, "SKIP names unknown cases"
 
 
-_AXIS0 = "acts on axis 0 of the first input, the batch axis here"
-_CONST_BATCH = "a constant input varies along axis 0, which is the batch here"
 _INT = "integer tensors (not float activations)"
 
-#: Backend cases that cannot be per-sample with axis 0 of the first input as the batch.
+#: Backend cases the passes do not lower. The first input's axis 0 is static in every case, so
+#: an op that mixes it is lowered on whole-tensor samples (passes/sample_axis.py).
 SKIP: dict[str, str] = {
     "test_batchnorm_example_training_mode": "training mode normalises with batch statistics",
     "test_batchnorm_epsilon_training_mode": "training mode normalises with batch statistics",
-    "test_gemm_default_matrix_bias": "C has one row per batch row: the bias differs by sample",
-    "test_gemm_transposeA": "transA=1 contracts axis 0 of A, the batch",
-    "test_gemm_all_attributes": "transA=1 contracts axis 0 of A, the batch",
-    "test_matmul_3d": "B holds a different matrix for each entry along the batch axis",
-    "test_matmul_1d_3d": "A is 1-D: its only axis, the batch, is contracted",
-    "test_matmul_1d_1d": "A is 1-D: its only axis, the batch, is contracted",
-    "test_flatten_axis0": "Flatten(axis=0) merges the batch (of 2) into the sample",
-    "test_flatten_negative_axis4": "Flatten(axis=-4 = 0) merges the batch (of 2) into the sample",
-    "test_flatten_axis2": "Flatten(axis=2) merges the batch with axis 1",
-    "test_flatten_negative_axis2": "Flatten(axis=-2 = 2) merges the batch with axis 1",
-    "test_flatten_axis3": "Flatten(axis=3) merges the batch with axes 1-2",
-    "test_flatten_negative_axis1": "Flatten(axis=-1 = 3) merges the batch with axes 1-2",
-    "test_reshape_reordered_all_dims": "the new shape (4, 2, 3) does not keep the batch axis",
-    "test_reshape_one_dim": "the new shape (24,) merges the batch into the sample",
-    "test_reshape_negative_extended_dims": "the new shape (-1, 2, 3, 4) splits the batch",
-    "test_reshape_allowzero_reordered": "the batch axis has extent 0 and is reshaped away",
-    "test_transpose_default": _AXIS0,
-    "test_transpose_all_permutations_2": _AXIS0,
-    "test_transpose_all_permutations_3": _AXIS0,
-    "test_transpose_all_permutations_4": _AXIS0,
-    "test_transpose_all_permutations_5": _AXIS0,
     "test_edge_pad": _INT,
     "test_reflect_pad": _INT,
     "test_wrap_pad": _INT,
-    "test_concat_1d_axis_0": _AXIS0,
-    "test_concat_1d_axis_negative_1": _AXIS0,
-    "test_concat_2d_axis_0": _AXIS0,
-    "test_concat_2d_axis_negative_2": _AXIS0,
-    "test_concat_3d_axis_0": _AXIS0,
-    "test_concat_3d_axis_negative_3": _AXIS0,
-    "test_split_equal_parts_1d_opset13": _AXIS0,
-    "test_split_variable_parts_1d_opset13": _AXIS0,
-    "test_split_equal_parts_default_axis_opset13": _AXIS0,
-    "test_split_variable_parts_default_axis_opset13": _AXIS0,
-    "test_split_zero_size_splits_opset13": _AXIS0,
-    "test_split_equal_parts_1d_opset18": _AXIS0,
-    "test_split_variable_parts_1d_opset18": _AXIS0,
-    "test_split_equal_parts_default_axis_opset18": _AXIS0,
-    "test_split_variable_parts_default_axis_opset18": _AXIS0,
-    "test_split_zero_size_splits_opset18": _AXIS0,
-    "test_split_1d_uneven_split_opset18": _AXIS0,
-    "test_squeeze": _AXIS0,
-    "test_unsqueeze_axis_0": _AXIS0,
-    "test_slice": _AXIS0,
-    "test_slice_neg_steps": _AXIS0,
-    "test_mul_example": _CONST_BATCH,
-    "test_mul": _CONST_BATCH,
-    "test_div_example": _CONST_BATCH,
-    "test_div": _CONST_BATCH,
     **{f"test_{op}_{t}": _INT for op in ("add", "sub", "mul", "div")
        for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")},
     "test_div_int32_trunc": _INT,

@@ -1,7 +1,9 @@
 """passes/pool.py against onnxruntime and the ONNX backend node tests.
 
 AveragePool matrices are compared entry by entry with the matrix probed from onnxruntime;
-MaxPool tournaments are evaluated in numpy and compared with onnxruntime's MaxPool.
+MaxPool plans (every one of MAX_POOL_PLANS) are evaluated in numpy and compared with
+onnxruntime's MaxPool; the plan ``auto`` picks never spends more ReLUs than the per-window
+tournament, and fewer for 3×3 pools of stride 1 and 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from onnx_lower.passes.pool import (
+    MAX_POOL_PLANS,
     Tournament,
     avg_pool_matrix,
     global_pool_kernel,
@@ -25,6 +28,7 @@ from onnx_lower.passes.pool import (
     pool_windows,
     run_tournament,
 )
+from onnx_lower.passes.pool_max import max_pool_relu_counts
 from tests.oracles import probe_matrix, run_op
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
@@ -268,15 +272,29 @@ def _ort_max_pool(cfg: dict, x: np.ndarray) -> np.ndarray:
     return run_op("MaxPool", np.ascontiguousarray(x[(..., *crop)]), **onnx_attrs(explicit))
 
 
-def _check_tournament(cfg: dict, x: np.ndarray) -> Tournament:
-    t = max_pool_tournament(cfg["in_shape"], cfg["kernel"], **fn_kwargs(cfg))
+def _check_tournament(cfg: dict, x: np.ndarray, plans=MAX_POOL_PLANS) -> Tournament:
+    """Every plan in ``plans`` matches ORT; the per-window one has depth ceil(log2 K) and K-1
+    ReLUs per output, and auto's count is the fewest. Returns the auto (or only) plan."""
     expected = _ort_max_pool(cfg, x)
-    assert t.out_shape == expected.shape[1:]
-    got = run_tournament(t, x.reshape(len(x), -1))
-    np.testing.assert_allclose(got, expected.reshape(len(x), -1), rtol=1e-6, atol=0)
     k = math.prod(cfg["kernel"])
-    assert t.depth == math.ceil(math.log2(k))
-    return t
+    built = {}
+    for plan in plans:
+        t = max_pool_tournament(cfg["in_shape"], cfg["kernel"], plan=plan, **fn_kwargs(cfg))
+        assert t.out_shape == expected.shape[1:]
+        got = run_tournament(t, x.reshape(len(x), -1))
+        np.testing.assert_allclose(got, expected.reshape(len(x), -1), rtol=1e-6, atol=0)
+        built[plan] = t
+    if "tournament" in built:
+        t = built["tournament"]
+        assert t.depth == math.ceil(math.log2(k))
+        assert t.relu_count == math.prod(t.out_shape) * (k - 1)
+    if len(built) > 1:
+        counts = {plan: t.relu_count for plan, t in built.items()}
+        assert counts["auto"] == min(counts.values()) <= counts["tournament"]
+        win, _ = pool_windows(cfg["in_shape"], cfg["kernel"], **fn_kwargs(cfg))
+        predicted = max_pool_relu_counts(win)
+        assert {p: c * cfg["in_shape"][0] for p, c in predicted.items()} == counts
+    return built.get("auto", t)
 
 
 @HYP
@@ -289,8 +307,9 @@ def test_max_pool_tournament_matches_ort(cfg, seed):
         return
     if has_empty_window(cfg):
         # Only reachable with dilations: every tap of some window is padding, max is -inf.
-        with pytest.raises(ValueError, match="all padding"):
-            max_pool_tournament(cfg["in_shape"], cfg["kernel"], **fn_kwargs(cfg))
+        for plan in MAX_POOL_PLANS:
+            with pytest.raises(ValueError, match="all padding"):
+                max_pool_tournament(cfg["in_shape"], cfg["kernel"], plan=plan, **fn_kwargs(cfg))
         return
     _check_tournament(cfg, x)
 
@@ -314,6 +333,43 @@ def test_max_pool_single_valid_tap_windows(n, k, s, ceil_mode, seed):
     }
     x = _max_inputs(np.random.default_rng(seed), cfg["in_shape"])
     _check_tournament(cfg, x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("extent,pad", [(9, 0), (8, 1), (13, 1), (5, 0)])
+def test_3x3_plans_beat_the_tournament(stride, extent, pad):
+    # the common pools: overlapping 3x3 windows share row maxima (and, at stride 1, pairs)
+    cfg = {"in_shape": (2, extent, extent + 1), "kernel": (3, 3), "strides": (stride, stride),
+           "pads": (pad,) * 4, "ceil_mode": False}
+    t = _check_tournament(cfg, _max_inputs(np.random.default_rng(extent), cfg["in_shape"]))
+    tournament = math.prod(t.out_shape) * 8
+    assert t.relu_count < tournament
+    per_output = t.relu_count / math.prod(t.out_shape)
+    assert per_output <= (7 if stride == 2 else 4.5)
+    assert t.plan.startswith("separable")
+
+
+@pytest.mark.parametrize("plan", MAX_POOL_PLANS)
+def test_plan_levels_are_honest(plan):
+    # each diff row is one pairwise max (two entries, +1 and -1); place/keep one entry per row
+    t = max_pool_tournament((2, 7, 6), (3, 2), strides=(1, 2), pads=(1, 0, 1, 1), plan=plan)
+    size = t.gather.shape[0]
+    assert (t.gather.getnnz(axis=1) == 1).all()
+    for level in t.levels:
+        assert level.in_size == size
+        assert (level.diff.getnnz(axis=1) == 2).all()
+        assert sorted(np.unique(level.diff.data)) == [-1.0, 1.0]
+        assert (level.keep.getnnz(axis=1) == 1).all()
+        assert (level.place.getnnz(axis=1) <= 1).all()
+        assert (level.place.getnnz(axis=0) >= 1).all()  # every ReLU is used
+        size = level.out_size
+    assert size == math.prod(t.out_shape)
+    assert t.relu_count == sum(level.diff.shape[0] for level in t.levels)
+
+
+def test_unknown_plan_is_refused():
+    with pytest.raises(ValueError, match="unknown MaxPool plan"):
+        max_pool_tournament((1, 4), (2,), plan="magic")
 
 
 def test_max_pool_negative_and_large_values():
@@ -359,11 +415,13 @@ def test_tournament_depth_and_shapes(kernel, depth):
     k = math.prod(kernel)
     assert t.gather.shape == (m * k, math.prod(in_shape))
     for level in t.levels:
-        h = -(-k // 2)
-        assert level.diff.shape == level.keep.shape == (m * h, m * k)
+        h, p = -(-k // 2), k // 2
+        assert level.diff.shape == (m * p, m * k)  # no zero row for an odd candidate
+        assert level.keep.shape == (m * h, m * k) and level.place.shape == (m * h, m * p)
         assert (level.keep.getnnz(axis=1) == 1).all()
         k = h
     assert k == 1
+    assert t.relu_count == m * (math.prod(kernel) - 1)
 
 
 def test_max_pool_taps_fill_and_errors():
@@ -396,10 +454,11 @@ def test_global_pools_match_ort(in_shape):
     expected = run_op("GlobalAveragePool", x)
     assert out_shape == expected.shape[1:] == (in_shape[0],) + (1,) * (len(in_shape) - 1)
     np.testing.assert_allclose(x.reshape(3, -1) @ a.T.toarray(), expected.reshape(3, -1), rtol=1e-5)
-    t = max_pool_tournament(in_shape, kernel)
     expected = run_op("GlobalMaxPool", x)
-    assert t.out_shape == expected.shape[1:]
-    np.testing.assert_array_equal(run_tournament(t, x.reshape(3, -1)), expected.reshape(3, -1))
+    for plan in MAX_POOL_PLANS:
+        t = max_pool_tournament(in_shape, kernel, plan=plan)
+        assert t.out_shape == expected.shape[1:]
+        np.testing.assert_array_equal(run_tournament(t, x.reshape(3, -1)), expected.reshape(3, -1))
 
 
 # --- ONNX backend node tests ------------------------------------------------------------------
@@ -472,7 +531,7 @@ def test_onnx_backend_node_case(case):
             )
             got = (a @ flat.T).T
         else:
-            t = max_pool_tournament(in_shape, kernel, **kw)
+            t = max_pool_tournament(in_shape, kernel, plan="auto", **kw)
             out_shape, got = t.out_shape, run_tournament(t, flat)
         assert out_shape == expected.shape[1:]
         rtol, atol, _ = BACKEND_TOLERANCE.get(case.name, (1e-5, 1e-6, ""))

@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.2").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.3").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -39,8 +39,10 @@ TOP_KEYS = {
     "latency",
     "conv_algos",
 }
-OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "conv_algo", "passes"}
-STATS_KEYS = {"ops", "nodes", "weight_bytes", "macs"}
+OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "conv_algo", "passes", "ort_check"}
+STATS_KEYS = {
+    "ops", "nodes", "weight_bytes", "macs", "relu_neurons", "max_neurons", "piecewise_neurons",
+}
 PASS_KEYS = {
     "name",
     "seconds",
@@ -52,7 +54,7 @@ PASS_KEYS = {
     "iteration",
 }
 FOLD_KEYS = {"matmuls_before", "matmuls_after", "bytes_before", "bytes_after"}
-TIMING_KEYS = {"load_s", "lower_s", "save_s"}
+TIMING_KEYS = {"load_s", "input_gate_s", "lower_s", "save_s", "output_gate_s", "validate_s"}
 VALIDATION_KEYS = {
     "passed",
     "samples",
@@ -119,6 +121,7 @@ def run_report(tmp_path: Path, *args: str) -> dict:
 def check_stats(stats: dict) -> None:
     assert set(stats) == STATS_KEYS
     assert is_int(stats["nodes"]) and is_int(stats["weight_bytes"]) and is_int(stats["macs"])
+    assert all(is_int(stats[k]) for k in ("relu_neurons", "max_neurons", "piecewise_neurons"))
     assert isinstance(stats["ops"], dict)
     assert all(isinstance(k, str) and is_int(v) for k, v in stats["ops"].items())
     assert list(stats["ops"]) == sorted(stats["ops"])
@@ -145,21 +148,23 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.2"
+    assert SCHEMA == "onnx_lower.report/1.3"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.2"
+    assert r["schema"] == "onnx_lower.report/1.3"
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
     assert r["form"] == "mlp" and r["form_used"] == "mlp"
     assert isinstance(r["form_reason"], str) and r["form_reason"]
     assert set(r["options"]) == OPTIONS_KEYS
-    assert r["options"] == {"max_weight_mb": 1024.0, "sparse_storage": False,
-                            "conv_algo": "auto", "passes": None}
+    assert r["options"] == {
+        "max_weight_mb": 1024.0, "sparse_storage": False, "conv_algo": "auto", "passes": None,
+        "ort_check": True,
+    }
     assert r["conv_algos"] == []  # the mlp form has no conv algorithms
     assert is_float(r["options"]["max_weight_mb"])
     assert isinstance(r["kept_ops"], dict)
@@ -233,16 +238,16 @@ def test_latency(full_report):
 
 
 def test_optional_parts_are_null(tmp_path):
-    """Without --validate/--benchmark (and with a custom pass list, so no fold), the optional
-    parts are present as null, never missing."""
+    """With --no-validate, without --benchmark (and with a custom pass list, so no fold), the
+    optional parts are present as null, never missing; only the validation's timing is."""
     r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--passes", "resolve-shapes,dce,toposort",
-                   "-q")
+                   "--no-validate", "-q")
     assert set(r) == TOP_KEYS
     assert r["validation"] is None and r["latency"] is None
     assert r["fold"] is None and r["kept_ops"] == {}
     assert r["form_used"] == "custom"
     assert r["options"]["passes"] == ["resolve-shapes", "dce", "toposort"]
-    assert set(r["timings"]) == TIMING_KEYS
+    assert set(r["timings"]) == TIMING_KEYS - {"validate_s"}
     check_stats(r["before"])
     check_stats(r["after"])
     check_passes(r["passes"])
@@ -251,13 +256,13 @@ def test_optional_parts_are_null(tmp_path):
 
 PLAN_KEYS = {
     "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions",
-    "im2col_bytes", "im2col_index_bytes", "conv_algos",
+    "im2col_bytes", "im2col_index_bytes", "neurons", "mlp_relu_neurons", "conv_algos",
 }
 CONV_ALGO_KEYS = {"name", "algo", "reason", "estimated_ms", "probe_error"}
 
 
 def test_conv_algos_of_the_im2col_form(tmp_path):
-    """One entry per Conv with the algorithm it got and why (1.2)."""
+    """One entry per Conv with the algorithm it got and why (1.3)."""
     r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--form", "im2col", "--conv-algo",
                    "winograd", "-q")
     assert r["options"]["conv_algo"] == "winograd"
@@ -274,12 +279,14 @@ def test_dry_run_report_is_a_plan(tmp_path):
     """--dry-run --report writes the plan document, with its own schema tag."""
     r = run_report(tmp_path, "--dry-run", "--form", "auto", "-q")
     assert set(r) == {"schema", "plan"}
-    assert r["schema"] == "onnx_lower.plan/1.2"
+    assert r["schema"] == "onnx_lower.plan/1.3"
     assert set(r["plan"]) == PLAN_KEYS
     assert r["plan"]["form"] == "mlp" and r["plan"]["regions"] == []
     assert r["plan"]["im2col_bytes"] is None  # only a plan that picks im2col runs it
     assert r["plan"]["layers"] and all(set(la) == PLAN_LAYER_KEYS for la in r["plan"]["layers"])
     assert r["plan"]["mlp_bytes"] == sum(la["bytes"] for la in r["plan"]["layers"])
+    assert set(r["plan"]["neurons"]) == {"relu", "max", "piecewise"}
+    assert isinstance(r["plan"]["mlp_relu_neurons"], int)
 
 
 REGION_KEYS = {"name", "form", "reason", "nodes", "inputs", "outputs", "macs", "weight_bytes"}
