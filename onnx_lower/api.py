@@ -27,7 +27,7 @@ from . import cost, gates
 from . import graph as g
 from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
-from .pass_manager import LoweringModel, Options, PassRecord
+from .pass_manager import CONV_ALGOS, LoweringModel, Options, PassRecord
 from .pipelines import CANONICALIZE, FORMS, build_pipeline
 from .plan import Plan, make_plan, plan_regions
 from .regions import Region, extract_region, find_regions, merge_same_form, stitch
@@ -45,6 +45,7 @@ def lower(
     passes: Sequence[str] | None = None,
     max_weight_mb: float = 1024,
     sparse_storage: bool = False,
+    conv_algo: str = "auto",
     verify_each: bool = False,
     dump_dir: str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -53,6 +54,10 @@ def lower(
     drop_final_softmax: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
+
+    ``conv_algo`` (im2col form): ``auto`` picks im2col, F(2,3) or F(4,3) Winograd per conv by
+    a cost model, ``im2col`` never uses Winograd, ``winograd`` uses it wherever it applies
+    (see :mod:`onnx_lower.passes.im2col.winograd`).
 
     The input gate (:mod:`onnx_lower.gates`) runs first: the full ONNX checker and, unless
     ``ort_check`` is False, an onnxruntime load.
@@ -69,6 +74,9 @@ def lower(
         raise LoweringError(
             "--drop-final-softmax applies to --form layered only (the other forms keep a Softmax)"
         )
+    if conv_algo not in CONV_ALGOS:
+        raise LoweringError(f"unknown conv algorithm '{conv_algo}'; choose one of "
+                            f"{', '.join(CONV_ALGOS)}")
     start = time.perf_counter()
     source = _Source(model)
     gate_s = _input_gate(source, ort_check)
@@ -78,6 +86,7 @@ def lower(
         form=form,
         max_weight_bytes=int(max_weight_mb * MB),
         sparse_storage=sparse_storage,
+        conv_algo=conv_algo,
         verify_each=verify_each,
         dump_dir=dump_dir,
         progress=progress,
@@ -108,6 +117,7 @@ def lower(
         options={
             "max_weight_mb": float(max_weight_mb),
             "sparse_storage": sparse_storage,
+            "conv_algo": conv_algo,
             "passes": list(passes) if passes else None,
             "ort_check": ort_check,
         },

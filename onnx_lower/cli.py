@@ -18,13 +18,14 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LoweringError
+from .pass_manager import CONV_ALGOS
 from .pipelines import FORMS
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
 #: Schema of the ``--dry-run --report`` document.
-PLAN_SCHEMA = "onnx_lower.plan/1.2"
+PLAN_SCHEMA = "onnx_lower.plan/1.3"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparse-storage",
         action="store_true",
         help="store sparse weights as sparse_initializer (smaller file, same numerics)",
+    )
+    p.add_argument(
+        "--conv-algo",
+        choices=CONV_ALGOS,
+        default="auto",
+        help="im2col form: conv algorithm, im2col, Winograd or per layer by a cost model "
+        "(default: auto)",
     )
     p.add_argument("--external-data", action="store_true", help="save weights in OUT.onnx.data")
     p.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
@@ -184,6 +192,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         passes=passes,
         max_weight_mb=args.max_weight_mb,
         sparse_storage=args.sparse_storage,
+        conv_algo=args.conv_algo,
         verify_each=args.verify_each,
         dump_dir=args.dump_after,
         progress=progress,

@@ -46,7 +46,12 @@ __all__ = [
     "get_pass",
     "registered_passes",
     "Options",
+    "CONV_ALGOS",
 ]
+
+
+#: Values of ``Options.conv_algo`` / ``--conv-algo`` (:mod:`onnx_lower.passes.im2col.winograd`).
+CONV_ALGOS = ("auto", "im2col", "winograd")
 
 
 @dataclasses.dataclass
@@ -56,6 +61,7 @@ class Options:
     form: str = "mlp"
     max_weight_bytes: int = 1024 * 1024 * 1024
     sparse_storage: bool = False
+    conv_algo: str = "auto"  # im2col form: "auto" | "im2col" | "winograd" (issue 13)
     verify_each: bool = False
     dump_dir: str | None = None
     progress: Callable[[str], None] | None = None

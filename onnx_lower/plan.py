@@ -64,6 +64,9 @@ class Plan:
     neurons: dict[str, int] | None = None
     #: ReLU neurons per sample of the mlp form, when its pipeline ran
     mlp_relu_neurons: int | None = None
+    #: the im2col form's algorithm per conv (``{name, algo, reason, estimated_ms, probe_error}``,
+    #: :mod:`onnx_lower.passes.im2col.winograd`), when the plan picked im2col
+    conv_algos: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +95,8 @@ class Plan:
                 f"  im2col form: {self.im2col_bytes / mb:,.1f} MB of constants, of which "
                 f"{(self.im2col_index_bytes or 0) / mb:,.1f} MB are Gather tap tables"
             )
+        for conv in self.conv_algos or []:
+            lines.append(f"  conv {conv['name']}: {conv['algo']} ({conv['reason']})")
         if self.mlp_bytes is not None:
             lines.append(
                 f"  mlp form: {len(self.layers)} MatMul layers, {self.mlp_bytes / mb:,.1f} MB of "
@@ -126,7 +131,7 @@ def make_plan(
     plan.neurons = cost.count_neurons(model)
     if im2col_cost and plan.form == "im2col":
         try:
-            plan.im2col_bytes, plan.im2col_index_bytes = _im2col_bytes(model)
+            plan.im2col_bytes, plan.im2col_index_bytes, plan.conv_algos = _im2col_bytes(model)
         except LoweringError as exc:
             plan.reason += f"; the im2col form is not possible either: {exc.fact}"
     return plan
@@ -207,12 +212,14 @@ def _in_memory(model: onnx.ModelProto, form: str, upto: str | None = None):
     return work
 
 
-def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int]:
-    """(constant bytes, Gather index bytes) of ``model`` lowered to im2col, in memory only."""
+def _im2col_bytes(model: onnx.ModelProto) -> tuple[int, int, list[dict[str, Any]]]:
+    """(constant bytes, Gather index bytes, conv algorithms) of ``model`` lowered to im2col, in
+    memory only."""
     from . import graph as g
 
     work = _in_memory(model, "im2col")
-    return g.constant_bytes(work.graph), g.gather_index_bytes(work.graph)
+    return (g.constant_bytes(work.graph), g.gather_index_bytes(work.graph),
+            list(work.notes.get("conv_algos", [])))
 
 
 def _folded_layers(model: onnx.ModelProto) -> tuple[list[LayerPlan], int]:

@@ -15,7 +15,7 @@ from .pass_manager import PassRecord
 
 __all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.2"
+SCHEMA = "onnx_lower.report/1.3"
 
 
 @dataclasses.dataclass
@@ -113,6 +113,7 @@ class Report:
             "validation": self.validation.to_dict() if self.validation else None,
             "latency": self.latency.to_dict() if self.latency else None,
             "nnet": self.nnet,
+            "conv_algos": list(self.notes.get("conv_algos") or []),
         }
 
     def kept_ops(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.2").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.3").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -39,8 +39,9 @@ TOP_KEYS = {
     "validation",
     "latency",
     "nnet",
+    "conv_algos",
 }
-OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "passes", "ort_check"}
+OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "conv_algo", "passes", "ort_check"}
 STATS_KEYS = {
     "ops", "nodes", "weight_bytes", "macs", "relu_neurons", "max_neurons", "piecewise_neurons",
 }
@@ -152,13 +153,13 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.2"
+    assert SCHEMA == "onnx_lower.report/1.3"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.2"
+    assert r["schema"] == "onnx_lower.report/1.3"
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
@@ -166,8 +167,10 @@ def test_top_level(full_report):
     assert isinstance(r["form_reason"], str) and r["form_reason"]
     assert set(r["options"]) == OPTIONS_KEYS
     assert r["options"] == {
-        "max_weight_mb": 1024.0, "sparse_storage": False, "passes": None, "ort_check": True
+        "max_weight_mb": 1024.0, "sparse_storage": False, "conv_algo": "auto", "passes": None,
+        "ort_check": True,
     }
+    assert r["conv_algos"] == []  # the mlp form has no conv algorithms
     assert is_float(r["options"]["max_weight_mb"])
     assert isinstance(r["kept_ops"], dict)
     assert all(isinstance(k, str) and is_int(v) for k, v in r["kept_ops"].items())
@@ -258,8 +261,22 @@ def test_optional_parts_are_null(tmp_path):
 
 PLAN_KEYS = {
     "form", "reason", "region", "macs", "mlp_bytes", "budget_bytes", "layers", "regions",
-    "im2col_bytes", "im2col_index_bytes", "neurons", "mlp_relu_neurons",
+    "im2col_bytes", "im2col_index_bytes", "neurons", "mlp_relu_neurons", "conv_algos",
 }
+CONV_ALGO_KEYS = {"name", "algo", "reason", "estimated_ms", "probe_error"}
+
+
+def test_conv_algos_of_the_im2col_form(tmp_path):
+    """One entry per Conv with the algorithm it got and why (1.3)."""
+    r = run_report(tmp_path, str(tmp_path / "o.onnx"), "--form", "im2col", "--conv-algo",
+                   "winograd", "-q")
+    assert r["options"]["conv_algo"] == "winograd"
+    assert r["conv_algos"] and all(set(c) == CONV_ALGO_KEYS for c in r["conv_algos"])
+    assert {c["algo"] for c in r["conv_algos"]} <= {"matmul", "im2col", "winograd-f2",
+                                                     "winograd-f4"}
+    assert all(isinstance(c["reason"], str) and c["reason"] for c in r["conv_algos"])
+
+
 PLAN_LAYER_KEYS = {"name", "sources", "inputs", "outputs", "bytes", "macs"}
 
 
@@ -267,7 +284,7 @@ def test_dry_run_report_is_a_plan(tmp_path):
     """--dry-run --report writes the plan document, with its own schema tag."""
     r = run_report(tmp_path, "--dry-run", "--form", "auto", "-q")
     assert set(r) == {"schema", "plan"}
-    assert r["schema"] == "onnx_lower.plan/1.2"
+    assert r["schema"] == "onnx_lower.plan/1.3"
     assert set(r["plan"]) == PLAN_KEYS
     assert r["plan"]["form"] == "mlp" and r["plan"]["regions"] == []
     assert r["plan"]["im2col_bytes"] is None  # only a plan that picks im2col runs it

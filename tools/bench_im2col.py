@@ -7,7 +7,8 @@ Usage::
     python tools/bench_im2col.py --only resnet18,squeezenet --repeat 50
     python tools/bench_im2col.py --models a.onnx b.onnx --threads 1 --json im2col.json
 
-For every model: lower it with ``onnx_lower.lower(model, form="im2col")`` (timed), check the
+For every model: lower it with ``onnx_lower.lower(model, form="im2col", conv_algo=...)``
+(``--conv-algo``, default auto; timed), check the
 numerics with :func:`onnx_lower.validate.validate` (rtol = atol = 1e-4, batch 1, random inputs
 in [0, 1); the table gives the elementwise max relative error and the scaled error, max abs error
 over the output's largest magnitude), and time original and lowered with
@@ -62,12 +63,13 @@ def default_models() -> tuple[list[Path], list[str]]:
     return paths, notes
 
 
-def bench_one(path: Path, threads: list[int], repeat: int, warmup: int) -> dict:
+def bench_one(path: Path, threads: list[int], repeat: int, warmup: int,
+              conv_algo: str = "auto") -> dict:
     row: dict = {"model": path.stem, "path": str(path), "imagenet": path.parent == IMAGENET_DIR}
     original = onnx.load(str(path))
     start = time.perf_counter()
     try:
-        lowered, _ = onnx_lower.lower(original, form="im2col")
+        lowered, _ = onnx_lower.lower(original, form="im2col", conv_algo=conv_algo)
     except LoweringError as exc:
         row["error"] = str(exc).splitlines()[0]
         return row
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per model (20)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs first (5)")
     ap.add_argument("--json", help="also write every number to this JSON file")
+    ap.add_argument("--conv-algo", default="auto", help="lower(conv_algo=...): auto (default), "
+                    "im2col or winograd")
     args = ap.parse_args(argv)
     if args.models:
         paths, notes = [Path(p) for p in args.models], []
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p in paths:
         print(f"[{len(rows) + 1}/{len(paths)}] {p.stem}", file=sys.stderr, flush=True)
-        rows.append(bench_one(p, threads, args.repeat, args.warmup))
+        rows.append(bench_one(p, threads, args.repeat, args.warmup, args.conv_algo))
+    print(f"conv_algo: {args.conv_algo}")
     print(markdown(rows, threads, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))

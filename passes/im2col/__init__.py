@@ -1,11 +1,11 @@
 """The im2col form: convs and pools as Gather + MatMul on channels-last activations.
 
 For runtimes that lack Conv and Pool but have a fast MatMul (DESIGN.md, "The im2col form"). After
-``lower-im2col`` no Conv, ConvTranspose, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
-or BatchNormalization is left; every contraction is a MatMul (Gemm becomes MatMul + Add too),
-and the only other ops are Gather, Reshape, Transpose, Concat, Slice, Pad, ReduceSum, Flatten,
-Add, Sub, Mul, Relu, plus the elementwise ops the model already had (Clip, Sigmoid, Tanh, ...),
-which run unchanged.
+``lower-im2col`` no Conv, ConvTranspose, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool or
+BatchNormalization is left; every contraction is a MatMul (Gemm becomes MatMul + Add too), and the
+only other ops are Gather, Reshape, Transpose, Concat, Slice, Split, Pad, ReduceSum, Flatten, Add,
+Sub, Mul, Relu, plus the elementwise ops the model already had (Clip, Sigmoid, Tanh, ...), which
+run unchanged.
 
 Inside a lowered region an ``(N, C, *spatial)`` activation is stored channels-last,
 ``(N, S, C)`` with ``S = Π spatial``, or as its 2-D view ``(N·S, C)``. A conv gathers its taps
@@ -25,6 +25,7 @@ layout         the ``CL`` view, region entry/exit Transposes, ``channels_last_co
 conv           ``choose_conv_algorithm`` (the one dispatch point); taps, ``gather_indices``,
                ``dense_weight``, chunked Gather + MatMul, space-to-depth, ConvTranspose taps
 grouped        grouped convs (batched per-group MatMul) and depthwise convs (Mul + ReduceSum)
+winograd       Winograd F(2,3)/F(4,3) convs as MatMuls, the per-conv cost model and numerics gate
 pools          MaxPool plans and tournaments, AveragePool, global pools
 elementwise    unary/binary ops, Concat, BatchNormalization, Gemm/MatMul
 fold           pass ``im2col-fold``: BatchNormalization and constant affines into conv weights

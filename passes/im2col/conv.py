@@ -30,7 +30,8 @@ after a Conv or ConvTranspose are folded into its weight columns and bias first 
 
 Algorithms (:func:`choose_conv_algorithm`, the single dispatch point): ``"matmul"`` when the
 taps are the identity (a bare MatMul or a Reshape + MatMul), ``"im2col"`` for Gather + MatMul
-in chunks (:mod:`.cost`), ``"grouped"`` and ``"depthwise"`` in :mod:`.grouped`.
+in chunks (:mod:`.cost`), ``"grouped"`` and ``"depthwise"`` in :mod:`.grouped`, ``"winograd"``
+(F(2,3)/F(4,3) for 3×3 stride-1 convs, chosen per conv by a cost model) in :mod:`.winograd`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .emitter import is_static
 from .fold import single_consumer
 from .layout import CL, shuffle_permutation
 from .ops import FORM, SINKABLE
+from .winograd import ConvChoice
 
 __all__ = [
     "ConvOps",
@@ -238,10 +240,11 @@ def _space_to_depth_block(channels: int, strides, dtype: np.dtype) -> tuple[int,
 
 #: The conv algorithms :func:`choose_conv_algorithm` picks from, each a ``ConvOps`` /
 #: ``GroupedOps`` method ``emit_<algorithm>`` with the same signature.
-CONV_ALGORITHMS = ("matmul", "im2col", "grouped", "depthwise")
+CONV_ALGORITHMS = ("matmul", "im2col", "grouped", "depthwise", "winograd")
 
 
-def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan) -> str:
+def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan,
+                          winograd: ConvChoice | None = None) -> str:
     """The algorithm of a conv with weights ``(g, K, C/g, M/g)`` read through ``plan``.
 
     * ``"depthwise"``: ``C/g == 1``, ``g > 1`` (and :data:`.cost.DEPTHWISE` is ``"mul"``):
@@ -250,6 +253,8 @@ def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan)
       (:mod:`.grouped`);
     * ``"matmul"``: the taps are ``arange(S_in)`` (1×1 stride 1 unpadded, or a kernel covering
       the whole input): a bare MatMul or Reshape + MatMul;
+    * ``"winograd"``: a Conv whose :class:`.winograd.ConvChoice` (the cost model and the
+      numerics gate of :mod:`.winograd`, ``--conv-algo``) is F(2,3) or F(4,3);
     * ``"im2col"``: otherwise Gather + MatMul, in chunks.
 
     This is the single place a conv picks its algorithm; ConvTranspose goes through it too.
@@ -259,6 +264,8 @@ def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan)
         return "depthwise"
     if grp > cost.DENSE_GROUPS:
         return "grouped"
+    if winograd is not None and winograd.m is not None and grp == 1:
+        return "winograd"
     return "matmul" if plan.identity else "im2col"
 
 
@@ -281,7 +288,8 @@ class ConvOps:
         return self.e.concat(outs, axis, out_shape_fn(rows), base + "/concat")
 
     def emit_conv(self, node, x: CL, wg: np.ndarray, bias, taps, out_t,
-                  shuffle: int | None = None) -> tuple[gs.Variable, bool]:
+                  shuffle: int | None = None,
+                  winograd: ConvChoice | None = None) -> tuple[gs.Variable, bool]:
         """Gather + contraction for a conv-like op with weights ``(g, K, Cg, Mg)``.
 
         Returns ``(y, shuffled)``: ``y`` is ``(N·S_out, M)`` (dense and identity cases, a 2-D
@@ -293,10 +301,11 @@ class ConvOps:
         """
         base = node.name or out_t.name
         plan = gather_indices(taps, x.s)
-        algorithm = choose_conv_algorithm(wg.shape, plan)
+        algorithm = choose_conv_algorithm(wg.shape, plan, winograd)
         grp, k, cg, mg = wg.shape
         shuffled = shuffle is not None and (
-            algorithm in ("matmul", "im2col") or (algorithm == "grouped" and shuffle == grp))
+            algorithm in ("matmul", "im2col", "winograd")
+            or (algorithm == "grouped" and shuffle == grp))
         if shuffled:
             perm = shuffle_permutation(grp * mg, shuffle)
             bias = None if bias is None else np.asarray(bias).reshape(-1)[perm]
@@ -306,6 +315,8 @@ class ConvOps:
         if bias is not None and np.any(bias):
             b = self.e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(x.dtype))
         emit = getattr(self, "emit_" + algorithm)
+        if algorithm == "winograd":
+            return emit(x, wg, b, plan, out_t, base, winograd), shuffled
         if algorithm == "grouped":
             return emit(x, wg, b, plan, out_t, base, shuffled=shuffled), shuffled
         return emit(x, wg, b, plan, out_t, base), shuffled
@@ -444,6 +455,7 @@ class ConvOps:
             raise UnsupportedOpError(node.name, node.op, FORM,
                                      f"its windows give {win.out_shape}, the model says "
                                      f"{out_spatial}")
+        choice = self.conv_choice(node, x, w, strides, dilations, group, pads, auto_pad)
         wg = group_weights(w, group)
         shuffle = self.shuffle_after(out_t)  # a channel shuffle follows: absorb it if we can
         block = _space_to_depth_block(x.channels, strides, x.dtype) if group == 1 else None
@@ -455,7 +467,7 @@ class ConvOps:
                                          shuffle and shuffle[0])
         else:
             y, shuffled = self.emit_conv(node, self.to_cl(x_t), wg, b, win.taps, out_t,
-                                         shuffle and shuffle[0])
+                                         shuffle and shuffle[0], choice)
         if shuffled:
             self.shuffled.add(shuffle[1].name)
         self.conv_out(out_t, y, out_spatial, m)

@@ -1,13 +1,13 @@
 """Pass ``lower-im2col``: the driver that walks a graph and dispatches each node to its family.
 
 ``Lowering`` is one graph's rewrite: :class:`.layout.LayoutCore` owns the layout state (which
-tensors have a channels-last form, region entries and exits), and one mixin per family
-handles its ops: :class:`.layout.LayoutOps` (aliases, Transpose, Pad), :class:`.conv.ConvOps`
-and :class:`.grouped.GroupedOps` (convs), :class:`.pools.PoolOps`,
+tensors have a channels-last form, region entries and exits), and one mixin per family handles its
+ops: :class:`.layout.LayoutOps` (aliases, Transpose, Pad), :class:`.conv.ConvOps`,
+:class:`.grouped.GroupedOps` and :class:`.winograd.WinogradOps` (convs), :class:`.pools.PoolOps`,
 :class:`.elementwise.ElementwiseOps`. A node is handled by its family's ``do_<Op>`` (or the
-elementwise ``unary``/``binary``) when that returns True; otherwise it keeps its original
-layout (its inputs are converted back), and a node in :data:`.ops.LOWERED_OPS` left that way is
-refused with the reason.
+elementwise ``unary``/``binary``) when that returns True; otherwise it keeps its original layout
+(its inputs are converted back), and a node in :data:`.ops.LOWERED_OPS` left that way is refused
+with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .grouped import GroupedOps
 from .layout import LayoutCore, LayoutOps, names_used_by_subgraphs_of
 from .ops import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, FORM, LOWERED_OPS, REFUSED
 from .pools import PoolOps
+from .winograd import WinogradOps
 
 __all__ = ["LowerIm2col", "Lowering"]
 
@@ -40,7 +41,8 @@ def _refusal_reason(node: gs.Node) -> str:
 
 
 
-class Lowering(LayoutOps, ConvOps, GroupedOps, PoolOps, ElementwiseOps, LayoutCore):
+class Lowering(LayoutOps, ConvOps, GroupedOps, WinogradOps, PoolOps, ElementwiseOps,
+               LayoutCore):
     """One graph's rewrite into channels-last regions (see :mod:`onnx_lower.passes.im2col`)."""
 
     def run(self) -> bool:

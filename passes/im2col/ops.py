@@ -17,7 +17,7 @@ FORM = "im2col"
 #: Ops the im2col form emits (besides the elementwise ops it keeps from the input model).
 ALLOWED_OPS = frozenset(
     {"MatMul", "Add", "Sub", "Mul", "Relu", "Gather", "Reshape", "Transpose", "Concat", "Slice",
-     "Pad", "ReduceSum", "Flatten"}
+     "Pad", "ReduceSum", "Flatten", "Split"}
 )
 #: Layout-agnostic unary ops: they run unchanged on channels-last tensors.
 ELEMENTWISE_UNARY = frozenset(
