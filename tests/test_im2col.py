@@ -429,7 +429,7 @@ def test_tensor_read_by_a_subgraph_keeps_its_layout():
 
 
 def test_maxpool_indices_output_is_refused():
-    node = helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2])
+    node = helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2], strides=[2, 2])
     model = make_model([node], [1, 2, 4, 4])
     model.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 2, 2, 2]))
     with pytest.raises(LoweringError, match="Indices"):
