@@ -27,7 +27,7 @@ from . import graph as g
 from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
-from .pipelines import CANONICALIZE, FORMS, build_pipeline
+from .pipelines import CANONICALIZE, FORMS, build_pipeline, target_pipeline
 from .plan import Plan, make_plan, plan_regions
 from .regions import Region, extract_region, find_regions, merge_same_form, stitch
 from .report import ModelStats, RegionReport, Report
@@ -41,6 +41,7 @@ def lower(
     model: ModelSource,
     form: str = "auto",
     *,
+    target: str | None = None,
     passes: Sequence[str] | None = None,
     max_weight_mb: float = 1024,
     sparse_storage: bool = False,
@@ -50,8 +51,15 @@ def lower(
 ) -> tuple[onnx.ModelProto, Report]:
     """Lower ``model`` (a path or ModelProto) and return ``(lowered, report)``.
 
-    Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
+    ``target`` (a profile of :mod:`onnx_lower.targets`) replaces ``form``: only the nodes that
+    verifier cannot read are rewritten. Raises a :class:`~onnx_lower.errors.LoweringError`
+    subclass for anything a user can cause.
     """
+    if target is not None:
+        if passes:
+            raise LoweringError("give either a target or passes, not both")
+        target_form, passes = target_pipeline(target)
+        form = target_form or form
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     start = time.perf_counter()
@@ -67,7 +75,10 @@ def lower(
         progress=progress,
     )
     regions: list[RegionReport] = []
-    if passes:
+    if target is not None and passes:
+        used, reason = f"target:{target}", f"only what the {target} profile does not read rewritten"
+        lowered, records, notes = _run(source, options, passes=list(passes))
+    elif passes:
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(source, options, passes=list(passes))
     elif form == "auto":
@@ -90,14 +101,22 @@ def lower(
         options={
             "max_weight_mb": float(max_weight_mb),
             "sparse_storage": sparse_storage,
-            "passes": list(passes) if passes else None,
+            "passes": list(passes) if passes and target is None else None,
         },
         notes=notes,
         timings={"load_s": loaded - start, "lower_s": done - loaded},
         input=str(model) if not isinstance(model, onnx.ModelProto) else None,
         regions=regions,
+        target=_target_section(target, notes),
     )
     return lowered, report
+
+
+def _target_section(target: str | None, notes: dict) -> dict | None:
+    """The report's ``target`` key: the profile and each rewritten node (rule, what it became)."""
+    if target is None:
+        return None
+    return {"name": target, "rewritten": list(notes.pop("target", []))}
 
 
 def _lower_auto(

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="comma-separated pass names to run instead of a form")
     p.add_argument("--list-passes", action="store_true", help="list the registered passes")
     p.add_argument(
+        "--target",
+        metavar="VERIFIER",
+        help="rewrite only what VERIFIER's reader cannot read (see --list-targets)",
+    )
+    p.add_argument(
+        "--list-targets", action="store_true", help="list the verifier profiles and their rules"
+    )
+    p.add_argument(
         "--max-weight-mb",
         type=float,
         default=1024,
@@ -113,6 +121,13 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for name, cls in registered_passes().items():
             print(f"{name:<20} {cls.description}")
         return EXIT_OK
+    if args.list_targets:
+        from .targets import format_targets
+
+        print(format_targets())
+        return EXIT_OK
+    if args.target and (args.passes or args.dry_run):
+        raise LoweringError("--target cannot be combined with --passes or --dry-run")
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)
@@ -129,6 +144,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     lowered, report = lower(
         args.input,
         args.form,
+        target=args.target,
         passes=passes,
         max_weight_mb=args.max_weight_mb,
         sparse_storage=args.sparse_storage,

@@ -5,6 +5,8 @@ mlp        canonicalise, lower every op to Affine/Relu, fold, emit MatMul/Add, f
 im2col     canonicalise, rewrite conv/pool as Gather + MatMul on channels-last activations
 fold-only  canonicalise, turn the dense linear ops (Gemm, MatMul, BN, ...) into Affine, fold,
            emit; Conv and pools stay as they are
+target     ``--target NAME``: canonicalise, then ``target-NAME`` rewrites only the nodes that
+           verifier's reader cannot read (:mod:`onnx_lower.targets`); ``nnet`` = the layered form
 auto       per region (:mod:`onnx_lower.regions`): mlp when its emitted weights fit what is
            left of ``--max-weight-mb``, else im2col (see :func:`onnx_lower.api.lower`)
 =========  ==================================================================================
@@ -18,7 +20,9 @@ from __future__ import annotations
 from .errors import LoweringError
 from .pass_manager import PassManager
 
-__all__ = ["PIPELINES", "FORMS", "CANONICALIZE", "build_pipeline", "load_passes"]
+__all__ = [
+    "PIPELINES", "FORMS", "CANONICALIZE", "build_pipeline", "load_passes", "target_pipeline"
+]
 
 CANONICALIZE = (
     "resolve-shapes",
@@ -71,3 +75,18 @@ def build_pipeline(form: str | None = None, passes: list[str] | None = None) -> 
     if form not in PIPELINES:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     return PassManager(list(PIPELINES[form]), name=form)
+
+
+def target_pipeline(target: str) -> tuple[str | None, list[str] | None]:
+    """``(form, passes)`` for ``--target``: a profile that is a form maps to that form."""
+    from .targets import get_profile
+
+    profile = get_profile(target)
+    if profile.form is not None:
+        if profile.form not in FORMS:
+            raise LoweringError(
+                f"target '{target}' is the {profile.form} form, which this build does not have "
+                f"({profile.form} form not merged yet)"
+            )
+        return profile.form, None
+    return None, [*CANONICALIZE, f"target-{target}", *_FINISH]

@@ -15,7 +15,7 @@ from .pass_manager import PassRecord
 
 __all__ = ["Report", "ModelStats", "RegionReport", "SCHEMA"]
 
-SCHEMA = "onnx_lower.report/1.1"
+SCHEMA = "onnx_lower.report/1.2"
 
 
 @dataclasses.dataclass
@@ -69,6 +69,8 @@ class Report:
     validation: Any = None  # onnx_lower.validate.ValidationReport
     latency: Any = None  # onnx_lower.benchmark.LatencyReport
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
+    # --target: {"name", "rewritten": [{"node", "op", "rule", "became"}]}
+    target: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -82,6 +84,7 @@ class Report:
             "form_used": self.form_used,
             "form_reason": self.form_reason,
             "regions": [r.to_dict() for r in self.regions],
+            "target": self.target,
             "options": dict(self.options),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),

@@ -9,9 +9,12 @@ activations    LeakyRelu, PRelu, Clip, Abs, Max/Min → Relu + Affine; the mlp f
 fold           cost-aware folding of Affine chains
 emit           Affine → MatMul/Add on flat vectors; Reshape/Flatten round trips removed
 im2col         conv/pool → Gather + MatMul on channels-last activations
+targets        --target VERIFIER: rewrite only what that verifier's reader cannot read
 =============  ==========================================================================
 """
 
-from . import activations, canonicalize, conv, emit, fold, im2col, linear, pool
+from . import activations, canonicalize, conv, emit, fold, im2col, linear, pool, targets
 
-__all__ = ["activations", "canonicalize", "conv", "emit", "fold", "im2col", "linear", "pool"]
+__all__ = [
+    "activations", "canonicalize", "conv", "emit", "fold", "im2col", "linear", "pool", "targets"
+]
