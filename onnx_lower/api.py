@@ -24,7 +24,7 @@ import onnx
 
 from . import cost
 from . import graph as g
-from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
+from .errors import BudgetExceededError, LoweringError, TargetUnsupportedError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import LoweringModel, Options, PassRecord
 from .pipelines import CANONICALIZE, FORMS, build_pipeline, target_pipeline
@@ -77,7 +77,10 @@ def lower(
     regions: list[RegionReport] = []
     if target is not None and passes:
         used, reason = f"target:{target}", f"only what the {target} profile does not read rewritten"
-        lowered, records, notes = _run(source, options, passes=list(passes))
+        try:
+            lowered, records, notes = _run(source, options, passes=list(passes))
+        except TargetUnsupportedError as exc:
+            lowered, records, notes = _target_fallback(exc, options, list(passes))
     elif passes:
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(source, options, passes=list(passes))
@@ -110,6 +113,56 @@ def lower(
         target=_target_section(target, notes),
     )
     return lowered, report
+
+
+def _target_fallback(
+    exc: TargetUnsupportedError, options: Options, passes: list[str]
+) -> tuple[onnx.ModelProto, list[PassRecord], dict]:
+    """The nodes no target rewrite reaches, each lowered alone to the mlp form, stitched back.
+
+    ``exc.partial`` is the model after the target rewrites. Each refused node becomes a region
+    of its own (its non-constant inputs in, its outputs out), is lowered with the mlp pipeline
+    and stitched back by name; then the target pipeline runs again on the result, so what the
+    mlp form emitted (Flatten/MatMul/Add/Relu/Reshape) is checked against the profile too. A
+    node the mlp form cannot express is refused with the profile rule it breaks.
+    """
+    model = exc.partial
+    by_name = {n.name: i for i, n in enumerate(model.graph.node)}
+    constants = {t.name for t in model.graph.initializer}
+    regions, lowered, reasons = [], [], {}
+    for name, op, reason in exc.nodes:
+        i = by_name[name]
+        node = model.graph.node[i]
+        region = Region(f"target_mlp_{len(regions)}", [i],
+                         [t for t in node.input if t and t not in constants],
+                         [t for t in node.output if t])
+        try:
+            low, _, _ = _run(extract_region(model, region), options, form="mlp")
+            kept = _outside(low, exc.target)
+            if kept:
+                raise LoweringError(f"the mlp form keeps {', '.join(sorted(set(kept)))}")
+        except LoweringError as err:
+            raise TargetUnsupportedError(
+                exc.target, [(name, op, f"{reason}; the mlp form cannot express it either: "
+                                        f"{err.fact}")]
+            ) from None
+        regions.append(region)
+        lowered.append(low)
+        reasons[name] = (op, reason)
+    stitched = stitch(model, regions, lowered)
+    low, records, notes = _run(stitched, options, passes=passes)
+    done = list(exc.notes) + list(notes.get("target", []))
+    done += [{"node": n, "op": op, "rule": why, "became": "mlp form of the node alone "
+              "(Flatten/MatMul/Add/Relu/Reshape)"} for n, (op, why) in reasons.items()]
+    notes["target"] = done
+    return low, records, notes
+
+
+def _outside(model: onnx.ModelProto, target: str) -> list[str]:
+    """The ops of ``model`` outside the ``target`` profile."""
+    from .targets import get_profile, violations
+
+    return [v.op for v in violations(g.import_graph(model), get_profile(target))]
 
 
 def _target_section(target: str | None, notes: dict) -> dict | None:

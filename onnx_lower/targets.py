@@ -186,7 +186,7 @@ class Profile:
         """Why ``node`` is outside the profile (the rule it breaks), or None."""
         rule = self.rule(node.op)
         if rule is None:
-            return f"{node.op} is not read ({self.name} reads {', '.join(self.ops())})"
+            return f"{node.op} is not read (no {node.op} rule in the {self.name} profile)"
         failed = [p for p in rule.requires if not PREDICATES[p](node)]
         if failed:
             return f"{rule.text()} [{rule.source}]; fails: {', '.join(failed)}"

@@ -6,8 +6,10 @@ that breaks its rule is handed to the rewrites of its op (:data:`REWRITES`, trie
 exact and structure-keeping), and the rounds repeat until nothing changes (a rewrite may make
 nodes that need another, e.g. Div → Mul → per-channel BatchNormalization). Every rewrite is
 noted for the report (``target``: node, the rule it broke, what it became). A node no rewrite
-brings inside the profile is refused by name with its rule
-(:class:`~onnx_lower.errors.TargetUnsupportedError`).
+brings inside the profile is handed back (:class:`~onnx_lower.errors.TargetUnsupportedError`
+carries the rewritten model): :func:`onnx_lower.api.lower` lowers the smallest region holding it,
+the node alone, to the mlp form and stitches it back (:mod:`onnx_lower.regions`); a node the mlp
+form cannot express either is refused by name with its rule.
 
 =============  ===============================================================================
 pads           Pad folded into the next Conv / AveragePool, else an identity 1×1 Conv with pads;
@@ -83,7 +85,10 @@ class TargetRewritePass(Pass):
             modified = True
         left = violations(graph, profile)
         if left:
-            raise TargetUnsupportedError(profile.name, [(v.node, v.op, v.reason) for v in left])
+            error = TargetUnsupportedError(profile.name, [(v.node, v.op, v.reason) for v in left])
+            error.partial = model.to_proto()  # for the mlp fallback of onnx_lower.api
+            error.notes = list(model.notes.get("target", []))
+            raise error
         return PassResult(modified)
 
 
