@@ -144,6 +144,13 @@ class Report:
                 f"fold: {fold['matmuls_before']} -> {fold['matmuls_after']} MatMuls, "
                 f"{_mb(fold['bytes_before'])} -> {_mb(fold['bytes_after'])} of weights"
             )
+        if self.target is not None:
+            done = self.target["rewritten"]
+            lines.append(f"target {self.target['name']}: {len(done)} node(s) rewritten")
+            for r in done if verbose else done[:10]:
+                lines.append(f"  {r['node']} ({r['op']}) -> {r['became']}")
+            if not verbose and len(done) > 10:
+                lines.append(f"  ... {len(done) - 10} more (-v, or --report)")
         kept = self.kept_ops()
         if kept:
             listed = ", ".join(f"{k}×{v}" for k, v in kept.items())

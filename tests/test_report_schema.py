@@ -1,4 +1,4 @@
-"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.1").
+"""Pin the ``--report FILE.json`` schema ("onnx_lower.report/1.2").
 
 Every key set below is written out literally on purpose: renaming, adding or removing a key must
 fail this test, and whoever does it must bump ``onnx_lower.report.SCHEMA`` (minor for additions,
@@ -28,6 +28,7 @@ TOP_KEYS = {
     "form_used",
     "form_reason",
     "regions",
+    "target",
     "options",
     "before",
     "after",
@@ -144,13 +145,14 @@ def full_report(tmp_path_factory) -> dict:
 
 
 def test_schema_constant():
-    assert SCHEMA == "onnx_lower.report/1.1"
+    assert SCHEMA == "onnx_lower.report/1.2"
 
 
 def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
-    assert r["schema"] == "onnx_lower.report/1.1"
+    assert r["schema"] == "onnx_lower.report/1.2"
+    assert r["target"] is None  # no --target
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
@@ -278,3 +280,18 @@ def test_regions_only_under_auto(full_report, tmp_path):
     assert region["form"] == r["form_used"] == "mlp" and region["reason"] == r["form_reason"]
     assert region["inputs"] and region["outputs"] and is_int(region["nodes"])
     assert is_int(region["macs"]) and is_int(region["weight_bytes"])
+
+
+TARGET_KEYS = {"name", "rewritten"}
+REWRITE_KEYS = {"node", "op", "rule", "became"}
+
+
+def test_target_section(tmp_path):
+    """1.2: --target NAME writes the profile and one entry per rewritten node."""
+    r = run_report(tmp_path, str(tmp_path / "t.onnx"), "--target", "marabou", "-q")
+    assert set(r["target"]) == TARGET_KEYS
+    assert r["target"]["name"] == "marabou"
+    assert r["target"]["rewritten"]
+    for entry in r["target"]["rewritten"]:
+        assert set(entry) == REWRITE_KEYS
+        assert all(isinstance(entry[k], str) and entry[k] for k in REWRITE_KEYS)

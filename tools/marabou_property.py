@@ -7,6 +7,7 @@ asks for ``y_j >= y_c``; the verdict is ``sat`` (a counterexample) at the first 
 ``unsat`` (robust) when all are unsat, ``timeout`` when the time budget runs out.
 
     python tools/marabou_property.py MODEL.onnx --eps 0.004 [--timeout 600] [--seed 0]
+        [--tightening deeppoly|sbt|none]
 
 Prints one JSON line: verdict, seconds, read seconds, peak memory (ru_maxrss).
 """
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, required=True)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tightening", default="deeppoly", help="Marabou's tighteningStrategy")
     args = ap.parse_args()
     from maraboupy import Marabou
 
@@ -53,7 +55,8 @@ def main() -> None:
             break
         before = len(net.equList)
         net.addInequality([int(outputs[label]), int(outputs[j])], [1.0, -1.0], 0.0)  # y_j >= y_c
-        opts = Marabou.createOptions(timeoutInSeconds=max(1, int(left)), verbosity=0)
+        opts = Marabou.createOptions(timeoutInSeconds=max(1, int(left)), verbosity=0,
+                                     tighteningStrategy=args.tightening)
         result, _, _ = net.solve(options=opts, verbose=False)
         del net.equList[before:]
         if result == "sat":
@@ -63,7 +66,8 @@ def main() -> None:
             verdict = "timeout" if result in ("TIMEOUT", "timeout") else result
             break
     print(json.dumps({
-        "model": args.model, "eps": args.eps, "label": label, "verdict": verdict,
+        "model": args.model, "eps": args.eps, "tightening": args.tightening, "label": label,
+        "verdict": verdict,
         "solve_s": round(time.perf_counter() - begin, 2), "read_s": round(read_s, 2),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }))
