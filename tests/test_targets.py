@@ -355,3 +355,51 @@ def test_marabou_reads_small_corpus_targets(name, tmp_path):
 @pytest.mark.parametrize("name", [n for n in ALL if n not in SMALL])
 def test_marabou_reads_every_corpus_target(name, tmp_path):
     _corpus_case(name, tmp_path)
+
+
+# -- profiles without an installable verifier: inside the table, same numbers --------------
+
+OTHER = [("eran", "hwang2409__mnist_cnn"), ("crown", "stanleybak__Convnet_avgpool")]
+OTHER_SLOW = [(t, n) for t in ("eran", "crown") for n in ALL
+              if (t, n) not in OTHER and n not in ("amandashi95__resnet20",
+                                                   "fastmachinelearning__conv1d_small_keras")]
+
+
+def _other_case(target: str, name: str) -> None:
+    import onnxruntime as ort
+
+    path = CORPUS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip("corpus not present")
+    lowered, _ = lower(path, target=target)
+    assert not violations(g.import_graph(lowered), PROFILES[target])
+    s0 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s1 = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = s0.get_inputs()[0]
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+    x = _rng(0).standard_normal(shape).astype(np.float32)
+    want = s0.run(None, {inp.name: x})[0]
+    got = s1.run(None, {s1.get_inputs()[0].name: x})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize(("target", "name"), OTHER)
+def test_other_profiles_on_corpus_models(target, name):
+    _other_case(target, name)
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize(("target", "name"), OTHER_SLOW)
+def test_other_profiles_on_every_corpus_model(target, name):
+    _other_case(target, name)
+
+
+def test_nnenum_refuses_a_skip_over_a_relu_by_name():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Add", ["x", "r"], ["y"], name="skip"),
+    ]
+    with pytest.raises(TargetUnsupportedError, match="one Relu stage"):
+        lower(chain([1, 4], nodes, {}), target="nnenum")

@@ -85,6 +85,8 @@ def fold_pad(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
         r.inputs[0] = node.inputs[0]
     g.detach(node)
     names = ", ".join(f"{r.op} '{r.name}'" for r in readers)
+    if not any(pads):
+        return f"removed (pads nothing; {names} reads its input)"
     return f"pads {pads} folded into {names}"
 
 
