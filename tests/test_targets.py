@@ -181,6 +181,21 @@ def test_padded_maxpool_over_relu_as_unpadded(c, n, k, stride, pads, ceil, seed)
     check_target(model, "marabou", _w(rng, 1, c, n, n), rewritten=any(pads) or ceil)
 
 
+@FEW
+@given(st.integers(1, 3), st.integers(4, 9), st.integers(1, 3), st.integers(1, 3),
+       st.lists(st.integers(0, 1), min_size=4, max_size=4), st.booleans(), st.booleans(),
+       st.integers(0, 9))
+def test_maxpool_as_relu_layers_for_nnenum(c, n, k, stride, pads, ceil, relu, seed):
+    pads = pads if relu else [0, 0, 0, 0]  # zero padding is exact over a nonnegative input only
+    ceil = ceil and relu
+    src = "r" if relu else "x"
+    nodes = [helper.make_node("Relu", ["x"], ["r"])] if relu else []
+    nodes.append(helper.make_node("MaxPool", [src], ["y"], kernel_shape=[k, k],
+                                  strides=[stride] * 2, pads=pads, ceil_mode=int(ceil)))
+    lowered, _ = check_target(chain([1, c, n, n], nodes, {}), "nnenum", _w(_rng(seed), 1, c, n, n))
+    assert "MaxPool" not in {n.op_type for n in lowered.graph.node}
+
+
 def test_padded_maxpool_over_a_signed_input_falls_back_to_the_mlp_form_of_the_node(tmp_path):
     nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
                               name="pool")]

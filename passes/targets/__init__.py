@@ -15,6 +15,7 @@ form cannot express either is refused by name with its rule.
 pads           Pad folded into the next Conv / AveragePool, else an identity 1×1 Conv with pads;
                padded / ceil_mode MaxPool over a nonnegative input as an unpadded MaxPool of a
                zero-padded input
+maxpool        MaxPool as depthwise Conv + Relu tournament levels (readers without MaxPool)
 pools          AveragePool / GlobalAveragePool as Conv with fixed weights
 conv           1-D Conv as 2-D; grouped Conv ungrouped; dilated kernel zero-filled
 elementwise    Div/Sub by constants as Mul/Add; per-channel Mul as BatchNormalization;
@@ -31,14 +32,14 @@ from onnx_lower.errors import TargetUnsupportedError
 from onnx_lower.pass_manager import LoweringModel, Pass, PassResult, register_pass
 from onnx_lower.targets import PROFILES, get_profile, violations
 
-from . import conv, elementwise, pads, pools
+from . import conv, elementwise, maxpool, pads, pools
 from .common import Context, Rewrite
 
 __all__ = ["REWRITES", "TargetRewritePass", "rewrite_for"]
 
 REWRITES: dict[str, tuple[Rewrite, ...]] = {
     "Pad": (pads.fold_pad, pads.pad_as_conv),
-    "MaxPool": (pads.maxpool_zero_pad,),
+    "MaxPool": (pads.maxpool_zero_pad, maxpool.maxpool_as_relu_layers),
     "AveragePool": (pools.avgpool_as_conv,),
     "GlobalAveragePool": (pools.avgpool_as_conv,),
     "Conv": (conv.conv_as_2d, conv.conv_ungroup, conv.conv_undilate),
