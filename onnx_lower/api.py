@@ -121,7 +121,9 @@ def _target_fallback(
     """The nodes no target rewrite reaches, each lowered alone to the mlp form, stitched back.
 
     ``exc.partial`` is the model after the target rewrites. Each refused node becomes a region
-    of its own (its non-constant inputs in, its outputs out), is lowered with the mlp pipeline
+    of its own (its non-constant inputs in, its outputs out; an average pool with the
+    Flatten/Reshape → Gemm/MatMul after it, which the mlp form folds it into), is lowered with the
+    mlp pipeline
     and stitched back by name; then the target pipeline runs again on the result, so what the
     mlp form emitted (Flatten/MatMul/Add/Relu/Reshape) is checked against the profile too. A
     node the mlp form cannot express is refused with the profile rule it breaks.
@@ -130,12 +132,20 @@ def _target_fallback(
     by_name = {n.name: i for i, n in enumerate(model.graph.node)}
     constants = {t.name for t in model.graph.initializer}
     regions, lowered, reasons = [], [], {}
+    taken: set[int] = set()
     for name, op, reason in exc.nodes:
         i = by_name[name]
-        node = model.graph.node[i]
-        region = Region(f"target_mlp_{len(regions)}", [i],
-                         [t for t in node.input if t and t not in constants],
-                         [t for t in node.output if t])
+        if i in taken:
+            continue
+        nodes = [i, *_linear_tail(model, i)]
+        taken.update(nodes)
+        made = {t for k in nodes for t in model.graph.node[k].output}
+        region = Region(
+            f"target_mlp_{len(regions)}", nodes,
+            [t for k in nodes for t in model.graph.node[k].input
+             if t and t not in constants and t not in made],
+            [t for t in model.graph.node[nodes[-1]].output if t],
+        )
         try:
             low, _, _ = _run(extract_region(model, region), options, form="mlp")
             kept = _outside(low, exc.target)
@@ -148,14 +158,29 @@ def _target_fallback(
             ) from None
         regions.append(region)
         lowered.append(low)
-        reasons[name] = (op, reason)
+        folded = [model.graph.node[k] for k in nodes[1:]]
+        with_ = f" folded with {', '.join(f'{n.op_type} {n.name!r}' for n in folded)}" \
+            if folded else " alone"
+        reasons[name] = (op, reason, with_)
     stitched = stitch(model, regions, lowered)
     low, records, notes = _run(stitched, options, passes=passes)
     done = list(exc.notes) + list(notes.get("target", []))
-    done += [{"node": n, "op": op, "rule": why, "became": "mlp form of the node alone "
-              "(Flatten/MatMul/Add/Relu/Reshape)"} for n, (op, why) in reasons.items()]
+    done += [{"node": n, "op": op, "rule": why, "became": f"mlp form of the node{with_} "
+              "(Flatten/MatMul/Add/Relu/Reshape)"} for n, (op, why, with_) in reasons.items()]
     notes["target"] = done
     return low, records, notes
+
+
+def _linear_tail(model: onnx.ModelProto, i: int) -> list[int]:
+    """Indices of the Flatten/Reshape… → Gemm/MatMul chain after node ``i`` that the mlp form
+    folds node ``i`` into (each the only reader of the one before); empty if there is none."""
+    from onnx_lower.passes.targets.pools import linear_tail
+
+    graph = g.import_graph(model)
+    node = graph.nodes[i]
+    tail = linear_tail(node, graph) if node.op in ("AveragePool", "GlobalAveragePool") else []
+    names = {n.name: k for k, n in enumerate(model.graph.node)}
+    return [names[n.name] for n in tail]
 
 
 def _outside(model: onnx.ModelProto, target: str) -> list[str]:

@@ -126,8 +126,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         print(format_targets())
         return EXIT_OK
-    if args.target and (args.passes or args.dry_run):
-        raise LoweringError("--target cannot be combined with --passes or --dry-run")
+    if args.target and (args.passes or args.dry_run or args.form != "auto"):
+        raise LoweringError("--target picks its own pipeline: drop --form, --passes or --dry-run")
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)

@@ -160,6 +160,20 @@ def test_average_pool_as_conv(c, n, k, stride, pad, include, seed):
         lowered, _ = check_target(model, target, x, rewritten=target == "marabou")
 
 
+def test_average_pool_before_a_small_gemm_folds_into_it_for_marabou():
+    """Block weights would cost |y|·C·|K| equation terms; folded into the Gemm, |x|·10."""
+    rng = _rng(0)
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["y"], transB=1),
+    ]
+    model = chain([1, 8, 6, 6], nodes, {"w": _w(rng, 3, 72), "b": _w(rng, 3)})
+    lowered, report = check_target(model, "marabou", _w(rng, 1, 8, 6, 6))
+    assert "Conv" not in {n.op_type for n in lowered.graph.node}
+    assert "folded with Flatten" in report.target["rewritten"][0]["became"]
+
+
 @FEW
 @given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.integers(0, 9))
 def test_global_average_pool_as_conv(c, h, w, seed):
