@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--corpus", default="../shared/corpus")
     ap.add_argument("--out", default="target_census.json")
     ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--only", help="substring of the model names to run")
+    ap.add_argument("--only", help="comma-separated substrings of the model names to run")
     ap.add_argument("--variants", default="original,target,mlp")
     args = ap.parse_args()
     if args.child:
@@ -121,7 +121,7 @@ def main() -> None:
     rows = {}
     work = Path(tempfile.mkdtemp(prefix="target_census_"))
     for original in sorted(Path(args.corpus).glob("*.onnx")):
-        if args.only and args.only not in original.name:
+        if args.only and not any(s in original.name for s in args.only.split(",")):
             continue
         variants = args.variants.split(",")
         row = {}
