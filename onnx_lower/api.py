@@ -132,6 +132,11 @@ def _target_fallback(
     by_name = {n.name: i for i, n in enumerate(model.graph.node)}
     constants = {t.name for t in model.graph.initializer}
     regions, lowered, reasons = [], [], {}
+    batch = [(n, op, why) for n, op, why in exc.nodes if "fails: batch 1" in why]
+    if batch:  # the dense mlp form would read a batch > 1, at many times the cost: refuse
+        raise TargetUnsupportedError(exc.target, [
+            (n, op, f"{why}; fix the batch to 1 (python -m onnxruntime.tools."
+                    f"make_dynamic_shape_fixed) and lower again") for n, op, why in batch])
     taken: set[int] = set()
     for name, op, reason in exc.nodes:
         i = by_name[name]

@@ -26,6 +26,7 @@ Predicates read a node of the gs graph (shapes resolved by canonicalisation):
 ``same input shapes``       both inputs have the same static shape
 ``axes as input``           Squeeze/Unsqueeze carry ``axes`` as input 1 (opset >= 13)
 ``shape without 0``         Reshape's constant target has no 0 ("copy") entry
+``batch 1``                 the data input's dim 0 is 1 or symbolic (read as 1)
 ``one Relu stage``          every non-constant input was made after the same number of Relus
                             (a skip connection over a Relu cannot be cut into one chain)
 ==========================  ===================================================================
@@ -130,7 +131,13 @@ def _one_relu_stage(node: gs.Node) -> bool:
     return len(stages) <= 1
 
 
+def _batch_one(node: gs.Node) -> bool:
+    shape = node.inputs[0].shape
+    return shape is None or not shape or not isinstance(shape[0], int) or shape[0] in (1, -1)
+
+
 PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
+    "batch 1": _batch_one,
     "2-D only": _rank4,
     "group == 1": lambda n: int(n.attrs.get("group", 1)) == 1,
     "dilations all 1": lambda n: all(d == 1 for d in _ints(n, "dilations")),
@@ -233,14 +240,16 @@ MARABOU = Profile(
         ("Transpose", "@ transpose"),
         ("Unsqueeze", "axes as input @ unsqueeze (reads constantMap[node.input[1]])"),
         ("Squeeze", "axes as input @ squeeze (inputName, axisName = node.input)"),
-        ("BatchNormalization", "@ batchNorm (per-channel equation)"),
+        ("BatchNormalization", "batch 1 @ batchNorm (reshape(numChannels, -1) of the whole "
+                               "tensor: a batch > 1 mixes samples)"),
         ("Concat", "@ concatEquations"),
-        ("MaxPool", "2-D only; explicit pads; pads all zero; dilations all 1; no ceil_mode "
+        ("MaxPool", "2-D only; batch 1; explicit pads; pads all zero; dilations all 1; "
+                    "no ceil_mode "
                     "@ maxpoolEquations (reads kernel_shape/strides only: pads, dilations, "
                     "ceil_mode silently ignored)"),
-        ("Conv", "2-D only; explicit pads; group == 1; dilations all 1; weights constant "
-                 "@ convEquations (asserts input_channels == filter_channels; dilations ignored; "
-                 "unpacks 4-D shapes)"),
+        ("Conv", "2-D only; batch 1; explicit pads; group == 1; dilations all 1; "
+                 "weights constant @ convEquations (asserts input_channels == filter_channels; "
+                 "dilations ignored; unpacks 4-D shapes; equations for inVars[0], sample 0, only)"),
         ("Gemm", "second input constant @ gemmEquations"),
         ("MatMul", "@ matMulEquations"),
         ("Mul", "second input scalar @ mulEquations (addAddend(multiple, x) per element)"),
