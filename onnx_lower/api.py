@@ -25,10 +25,10 @@ import onnx
 
 from . import cost, gates
 from . import graph as g
-from .errors import BudgetExceededError, LoweringError, UnsupportedOpError
+from .errors import BudgetExceededError, LoweringError, TargetUnsupportedError, UnsupportedOpError
 from .model_io import ModelSource, load_model, skeleton, to_sparse_storage
 from .pass_manager import CONV_ALGOS, LoweringModel, Options, PassRecord
-from .pipelines import CANONICALIZE, FORMS, build_pipeline
+from .pipelines import CANONICALIZE, FORMS, build_pipeline, target_pipeline
 from .plan import Plan, make_plan, plan_regions
 from .regions import Region, extract_region, find_regions, merge_same_form, stitch
 from .report import ModelStats, RegionReport, Report
@@ -42,6 +42,7 @@ def lower(
     model: ModelSource,
     form: str = "auto",
     *,
+    target: str | None = None,
     passes: Sequence[str] | None = None,
     max_weight_mb: float = 1024,
     sparse_storage: bool = False,
@@ -66,8 +67,16 @@ def lower(
     layered form carry signed values in one neuron; its output is then exact inside the box.
     ``drop_final_softmax`` lets the layered form drop a Softmax computing the output.
 
+    ``target`` (a profile of :mod:`onnx_lower.targets`) replaces ``form``: only the nodes that
+    verifier cannot read are rewritten.
+
     Raises a :class:`~onnx_lower.errors.LoweringError` subclass for anything a user can cause.
     """
+    if target is not None:
+        if passes:
+            raise LoweringError("give either a target or passes, not both")
+        target_form, passes = target_pipeline(target)
+        form = target_form or form
     if form not in FORMS:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     if drop_final_softmax and (form != "layered" or passes):
@@ -94,7 +103,13 @@ def lower(
         drop_final_softmax=drop_final_softmax,
     )
     regions: list[RegionReport] = []
-    if passes:
+    if target is not None and passes:
+        used, reason = f"target:{target}", f"only what the {target} profile does not read rewritten"
+        try:
+            lowered, records, notes = _run(source, options, passes=list(passes))
+        except TargetUnsupportedError as exc:
+            lowered, records, notes = _target_fallback(exc, options, list(passes))
+    elif passes:
         used, reason = "custom", "passes given with --passes"
         lowered, records, notes = _run(source, options, passes=list(passes))
     elif form == "auto":
@@ -118,7 +133,7 @@ def lower(
             "max_weight_mb": float(max_weight_mb),
             "sparse_storage": sparse_storage,
             "conv_algo": conv_algo,
-            "passes": list(passes) if passes else None,
+            "passes": list(passes) if passes and target is None else None,
             "ort_check": ort_check,
         },
         notes=notes,
@@ -126,6 +141,7 @@ def lower(
                  "lower_s": done - loaded},
         input=str(model) if not isinstance(model, onnx.ModelProto) else None,
         regions=regions,
+        target=_target_section(target, notes),
     )
     return lowered, report
 
@@ -146,6 +162,93 @@ def _input_gate(source: _Source, ort_check: bool) -> float:
         else:
             gates.check_input_loads(source.proto(), where=where)
     return time.perf_counter() - start
+
+
+def _target_fallback(
+    exc: TargetUnsupportedError, options: Options, passes: list[str]
+) -> tuple[onnx.ModelProto, list[PassRecord], dict]:
+    """The nodes no target rewrite reaches, each lowered alone to the mlp form, stitched back.
+
+    ``exc.partial`` is the model after the target rewrites. Each refused node becomes a region
+    of its own (its non-constant inputs in, its outputs out; an average pool with the
+    Flatten/Reshape → Gemm/MatMul after it, which the mlp form folds it into), is lowered with the
+    mlp pipeline
+    and stitched back by name; then the target pipeline runs again on the result, so what the
+    mlp form emitted (Flatten/MatMul/Add/Relu/Reshape) is checked against the profile too. A
+    node the mlp form cannot express is refused with the profile rule it breaks.
+    """
+    model = exc.partial
+    by_name = {n.name: i for i, n in enumerate(model.graph.node)}
+    constants = {t.name for t in model.graph.initializer}
+    regions, lowered, reasons = [], [], {}
+    batch = [(n, op, why) for n, op, why in exc.nodes if "fails: batch 1" in why]
+    if batch:  # the dense mlp form would read a batch > 1, at many times the cost: refuse
+        raise TargetUnsupportedError(exc.target, [
+            (n, op, f"{why}; fix the batch to 1 (python -m onnxruntime.tools."
+                    f"make_dynamic_shape_fixed) and lower again") for n, op, why in batch])
+    taken: set[int] = set()
+    for name, op, reason in exc.nodes:
+        i = by_name[name]
+        if i in taken:
+            continue
+        nodes = [i, *_linear_tail(model, i)]
+        taken.update(nodes)
+        made = {t for k in nodes for t in model.graph.node[k].output}
+        region = Region(
+            f"target_mlp_{len(regions)}", nodes,
+            [t for k in nodes for t in model.graph.node[k].input
+             if t and t not in constants and t not in made],
+            [t for t in model.graph.node[nodes[-1]].output if t],
+        )
+        try:
+            low, _, _ = _run(extract_region(model, region), options, form="mlp")
+            kept = _outside(low, exc.target)
+            if kept:
+                raise LoweringError(f"the mlp form keeps {', '.join(sorted(set(kept)))}")
+        except LoweringError as err:
+            raise TargetUnsupportedError(
+                exc.target, [(name, op, f"{reason}; the mlp form cannot express it either: "
+                                        f"{err.fact}")]
+            ) from None
+        regions.append(region)
+        lowered.append(low)
+        folded = [model.graph.node[k] for k in nodes[1:]]
+        with_ = f" folded with {', '.join(f'{n.op_type} {n.name!r}' for n in folded)}" \
+            if folded else " alone"
+        reasons[name] = (op, reason, with_)
+    stitched = stitch(model, regions, lowered)
+    low, records, notes = _run(stitched, options, passes=passes)
+    done = list(exc.notes) + list(notes.get("target", []))
+    done += [{"node": n, "op": op, "rule": why, "became": f"mlp form of the node{with_} "
+              "(Flatten/MatMul/Add/Relu/Reshape)"} for n, (op, why, with_) in reasons.items()]
+    notes["target"] = done
+    return low, records, notes
+
+
+def _linear_tail(model: onnx.ModelProto, i: int) -> list[int]:
+    """Indices of the Flatten/Reshape… → Gemm/MatMul chain after node ``i`` that the mlp form
+    folds node ``i`` into (each the only reader of the one before); empty if there is none."""
+    from onnx_lower.passes.targets.pools import linear_tail
+
+    graph = g.import_graph(model)
+    node = graph.nodes[i]
+    tail = linear_tail(node, graph) if node.op in ("AveragePool", "GlobalAveragePool") else []
+    names = {n.name: k for k, n in enumerate(model.graph.node)}
+    return [names[n.name] for n in tail]
+
+
+def _outside(model: onnx.ModelProto, target: str) -> list[str]:
+    """The ops of ``model`` outside the ``target`` profile."""
+    from .targets import get_profile, violations
+
+    return [v.op for v in violations(g.import_graph(model), get_profile(target))]
+
+
+def _target_section(target: str | None, notes: dict) -> dict | None:
+    """The report's ``target`` key: the profile and each rewritten node (rule, what it became)."""
+    if target is None:
+        return None
+    return {"name": target, "rewritten": list(notes.pop("target", []))}
 
 
 def _lower_auto(

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list-passes", action="store_true", help="list the registered passes")
     p.add_argument(
+        "--target",
+        metavar="VERIFIER",
+        help="rewrite only what VERIFIER's reader cannot read (see --list-targets)",
+    )
+    p.add_argument(
+        "--list-targets", action="store_true", help="list the verifier profiles and their rules"
+    )
+    p.add_argument(
         "--max-weight-mb",
         type=float,
         default=1024,
@@ -162,10 +170,20 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for name, cls in registered_passes().items():
             print(f"{name:<20} {cls.description}")
         return EXIT_OK
+    if args.list_targets:
+        from .targets import format_targets
+
+        print(format_targets())
+        return EXIT_OK
+    if args.target and (args.passes or args.dry_run or args.form is not None):
+        raise LoweringError("--target picks its own pipeline: drop --form, --passes or --dry-run")
     if not args.input or (not args.output and not args.dry_run):
         parser.error("give INPUT and OUTPUT (or --dry-run, or --list-passes)")
     _check_output(args)
     _resolve_format(args)
+    if args.target and args.format == "nnet" and args.target != "nnet":
+        raise LoweringError(f"a .nnet output is the layered form: use --target nnet, not "
+                            f"--target {args.target}, or write .onnx")
     if args.dry_run:
         return _dry_run(args)
     # before any work: a typo must not leave an output
@@ -189,6 +207,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     lowered, report = lower(
         args.input,
         args.form,
+        target=args.target,
         passes=passes,
         max_weight_mb=args.max_weight_mb,
         sparse_storage=args.sparse_storage,

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidAttributeError",
     "OutputGateError",
     "LoweredRunError",
+    "TargetUnsupportedError",
 ]
 
 
@@ -135,3 +136,17 @@ class LoweredRunError(LoweringError):
 
     def __init__(self, detail: str):
         super().__init__(f"{detail}. This is a bug in onnx_lower: rerun with -v and report it")
+
+
+class TargetUnsupportedError(LoweringError):
+    """Nodes that no rewrite brings inside a ``--target`` profile, each with the rule it breaks."""
+
+    def __init__(self, target: str, nodes: list[tuple[str, str, str]]):
+        self.target, self.nodes = target, nodes
+        listed = "; ".join(f"'{n}' ({op}): {why}" for n, op, why in nodes[:5])
+        more = f" (and {len(nodes) - 5} more)" if len(nodes) > 5 else ""
+        self._fact = f"{len(nodes)} node(s) cannot be brought inside the {target} profile"
+        super().__init__(
+            f"{self._fact}: {listed}{more}. No exact rewrite exists for them; lower the model "
+            f"with --form mlp, or check --list-targets for what {target} reads"
+        )

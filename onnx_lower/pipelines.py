@@ -7,6 +7,8 @@ layered    the mlp lowering up to fold-linear, then ``layer-chain``: a strict
 im2col     canonicalise, rewrite conv/pool as Gather + MatMul on channels-last activations
 fold-only  canonicalise, turn the dense linear ops (Gemm, MatMul, BN, ...) into Affine, fold,
            emit; Conv and pools stay as they are
+target     ``--target NAME``: canonicalise, then ``target-NAME`` rewrites only the nodes that
+           verifier's reader cannot read (:mod:`onnx_lower.targets`); ``nnet`` = the layered form
 auto       per region (:mod:`onnx_lower.regions`): mlp when its emitted weights fit what is
            left of ``--max-weight-mb``, else im2col (see :func:`onnx_lower.api.lower`)
 =========  ==================================================================================
@@ -20,7 +22,9 @@ from __future__ import annotations
 from .errors import LoweringError
 from .pass_manager import PassManager
 
-__all__ = ["PIPELINES", "FORMS", "CANONICALIZE", "build_pipeline", "load_passes"]
+__all__ = [
+    "PIPELINES", "FORMS", "CANONICALIZE", "build_pipeline", "load_passes", "target_pipeline"
+]
 
 CANONICALIZE = (
     "resolve-shapes",
@@ -85,3 +89,13 @@ def build_pipeline(form: str | None = None, passes: list[str] | None = None) -> 
     if form not in PIPELINES:
         raise LoweringError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
     return PassManager(list(PIPELINES[form]), name=form)
+
+
+def target_pipeline(target: str) -> tuple[str | None, list[str] | None]:
+    """``(form, passes)`` for ``--target``: a profile that is a form maps to that form."""
+    from .targets import get_profile
+
+    profile = get_profile(target)
+    if profile.form is not None:
+        return profile.form, None
+    return None, [*CANONICALIZE, f"target-{target}", *_FINISH]

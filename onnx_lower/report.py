@@ -77,6 +77,8 @@ class Report:
     latency: Any = None  # onnx_lower.benchmark.LatencyReport
     regions: list[RegionReport] = dataclasses.field(default_factory=list)
     nnet: dict[str, Any] | None = None  # onnx_lower.nnet.NnetInfo.to_dict() of a .nnet output
+    # --target: {"name", "rewritten": [{"node", "op", "rule", "became"}]}
+    target: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -90,6 +92,7 @@ class Report:
             "form_used": self.form_used,
             "form_reason": self.form_reason,
             "regions": [r.to_dict() for r in self.regions],
+            "target": self.target,
             "options": dict(self.options),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
@@ -166,6 +169,13 @@ class Report:
                 f"sample: the whole tensor, batch included ({sample['op']} '{sample['node']}' "
                 f"mixes the static axis 0: {sample['reason']})"
             )
+        if self.target is not None:
+            done = self.target["rewritten"]
+            lines.append(f"target {self.target['name']}: {len(done)} node(s) rewritten")
+            for r in done if verbose else done[:10]:
+                lines.append(f"  {r['node']} ({r['op']}) -> {r['became']}")
+            if not verbose and len(done) > 10:
+                lines.append(f"  ... {len(done) - 10} more (-v, or --report)")
         kept = self.kept_ops()
         if kept:
             listed = ", ".join(f"{k}×{v}" for k, v in kept.items())

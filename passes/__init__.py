@@ -11,11 +11,13 @@ emit           Affine → MatMul/Add on flat vectors; Reshape/Flatten round trip
 im2col/        conv/pool → Gather + MatMul on channels-last activations (a package: layout,
                conv, grouped, pools, elementwise, cost, fold, lowering)
 layered        the folded Affine/Relu DAG → a strict (MatMul, Add, Relu)* chain
+targets/       --target VERIFIER: rewrite only what that verifier's reader cannot read
 =============  ==========================================================================
 """
 
-from . import activations, canonicalize, conv, emit, fold, im2col, layered, linear, pool
+from . import activations, canonicalize, conv, emit, fold, im2col, layered, linear, pool, targets
 
 __all__ = [
     "activations", "canonicalize", "conv", "emit", "fold", "im2col", "layered", "linear", "pool",
+    "targets",
 ]

@@ -28,6 +28,7 @@ TOP_KEYS = {
     "form_used",
     "form_reason",
     "regions",
+    "target",
     "options",
     "before",
     "after",
@@ -160,6 +161,7 @@ def test_top_level(full_report):
     r = full_report
     assert set(r) == TOP_KEYS
     assert r["schema"] == "onnx_lower.report/1.3"
+    assert r["target"] is None  # no --target
     assert isinstance(r["tool_version"], str)
     assert r["input"] == str(SAMPLE)
     assert isinstance(r["output"], str) and r["output"].endswith("o.onnx")
@@ -346,3 +348,18 @@ def test_nnet_part(tmp_path):
     assert r["nnet"]["input_box"] is False
     assert set(r["nnet"]["long_rows"]) <= {"ReluVal"}
     assert all("ReluVal" in w for w in r["nnet"]["warnings"])
+
+
+TARGET_KEYS = {"name", "rewritten"}
+REWRITE_KEYS = {"node", "op", "rule", "became"}
+
+
+def test_target_section(tmp_path):
+    """1.3: --target NAME writes the profile and one entry per rewritten node."""
+    r = run_report(tmp_path, str(tmp_path / "t.onnx"), "--target", "marabou", "-q")
+    assert set(r["target"]) == TARGET_KEYS
+    assert r["target"]["name"] == "marabou"
+    assert r["target"]["rewritten"]
+    for entry in r["target"]["rewritten"]:
+        assert set(entry) == REWRITE_KEYS
+        assert all(isinstance(entry[k], str) and entry[k] for k in REWRITE_KEYS)
