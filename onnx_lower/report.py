@@ -117,6 +117,7 @@ class Report:
             "latency": self.latency.to_dict() if self.latency else None,
             "nnet": self.nnet,
             "conv_algos": list(self.notes.get("conv_algos") or []),
+            "sample_axis": self.notes.get("sample_axis"),
         }
 
     def kept_ops(self) -> dict[str, int]:

@@ -41,6 +41,7 @@ TOP_KEYS = {
     "latency",
     "nnet",
     "conv_algos",
+    "sample_axis",
 }
 OPTIONS_KEYS = {"max_weight_mb", "sparse_storage", "conv_algo", "passes", "ort_check"}
 STATS_KEYS = {
@@ -173,6 +174,7 @@ def test_top_level(full_report):
         "ort_check": True,
     }
     assert r["conv_algos"] == []  # the mlp form has no conv algorithms
+    assert r["sample_axis"] is None  # axis 0 is the batch: nothing mixes it
     assert is_float(r["options"]["max_weight_mb"])
     assert isinstance(r["kept_ops"], dict)
     assert all(isinstance(k, str) and is_int(v) for k, v in r["kept_ops"].items())
@@ -363,3 +365,24 @@ def test_target_section(tmp_path):
     for entry in r["target"]["rewritten"]:
         assert set(entry) == REWRITE_KEYS
         assert all(isinstance(entry[k], str) and entry[k] for k in REWRITE_KEYS)
+
+
+def test_sample_axis_part(tmp_path):
+    """1.3: ``sample_axis`` names the op that made the mlp form take the whole tensor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0], name="swap")
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    rep = tmp_path / "r.json"
+    assert main([str(path), str(tmp_path / "o.onnx"), "--form", "mlp", "--report", str(rep),
+                 "-q"]) == 0
+    r = json.loads(rep.read_text())
+    assert set(r) == TOP_KEYS
+    assert set(r["sample_axis"]) == {"mode", "node", "op", "reason"}
+    assert r["sample_axis"]["mode"] == "whole-tensor"
+    assert r["sample_axis"]["node"] == "swap" and r["sample_axis"]["op"] == "Transpose"
