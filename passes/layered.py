@@ -117,9 +117,14 @@ def _add_term(terms: dict[int, Term], atom: int, m: Term) -> None:
     terms[atom] = as_term(terms[atom] + m) if atom in terms else as_term(m)
 
 
-def _expressions(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, dropped: str | None = None):
-    """Atoms of ``graph`` (Affine/Relu only, besides the ``dropped`` node) and ``out``'s reader."""
-    n0 = math.prod(g.sample_shape(x, "layered"))
+def _expressions(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, dropped: str | None = None,
+                 whole: bool = False):
+    """Atoms of ``graph`` (Affine/Relu only, besides the ``dropped`` node) and ``out``'s reader.
+
+    ``whole``: the Affines read and write whole tensors, batch included (the mlp form's
+    whole-tensor sample, :mod:`onnx_lower.passes.sample_axis`), so the input atom is all of ``x``.
+    """
+    n0 = math.prod(x.shape) if whole else math.prod(g.sample_shape(x, "layered"))
     atoms = [_Atom(x.name, n0, False)]
     expr: dict[int, tuple[dict[int, Term], np.ndarray]] = {
         id(x): ({0: sp.identity(n0, format="csr")}, np.zeros(n0))
@@ -553,7 +558,7 @@ def layer_chain(
     x, y = graph.inputs[0], graph.outputs[0]
     opts = model.options
     source, dropped = _drop_final_softmax(y) if opts.drop_final_softmax else (y, None)
-    atoms, output = _expressions(graph, x, source, dropped)
+    atoms, output = _expressions(graph, x, source, dropped, whole=_whole(model))
     readers = _live_readers(atoms, output)
     box = opts.input_box
     if box is not None:
@@ -594,17 +599,23 @@ class LayerChainPass(Pass):
         layers, widths, notes = layer_chain(model, budget=budget)  # one input and one output
         x, y = graph.inputs[0], graph.outputs[0]
         assert chain_bytes(widths, y) <= budget
-        self._emit(graph, x, y, layers, widths)
+        self._emit(graph, x, y, layers, widths, whole=_whole(model))
         model.notes["emitted_weight_bytes"] = chain_bytes(widths, y)
         model.notes["emitted_matmuls"] = len(layers)
         model.notes["layered"] = notes
         return PassResult(True)
 
     @staticmethod
-    def _emit(graph: gs.Graph, x: gs.Tensor, y: gs.Tensor, layers: list[_Layer], widths):
+    def _emit(graph: gs.Graph, x: gs.Tensor, y: gs.Tensor, layers: list[_Layer], widths,
+              whole: bool = False):
+        """The chain; a whole-tensor chain flattens all of ``x`` to one row ``(1, D)`` and
+        reshapes back to ``y``'s full (static) shape."""
         dtype = np.dtype(y.dtype or np.float32)
-        out_shape = [int(d) for d in y.shape[1:]] if y.shape else [widths[-1]]
-        batch = g.batch_dim(x)
+        if whole:
+            batch, out_shape = 1, [int(d) for d in y.shape]
+        else:
+            out_shape = [int(d) for d in y.shape[1:]] if y.shape else [widths[-1]]
+            batch = g.batch_dim(x)
         for node in list(graph.nodes):
             g.detach(node)
         graph.nodes.clear()
@@ -616,7 +627,8 @@ class LayerChainPass(Pass):
             nodes.append(gs.Node(op, namer(name), attrs or {}, list(inputs), [t]))
             return t
 
-        h = node("Flatten", [x], [batch, widths[0]], "layered/flat", attrs={"axis": 1})
+        h = node("Flatten", [x], [batch, widths[0]], "layered/flat",
+                 attrs={"axis": 0 if whole else 1})
         for ell, layer in enumerate(layers, start=1):
             w = sp.vstack(layer.blocks, format="csr") if layer.blocks else sp.csr_matrix(
                 (0, widths[ell - 1]))
@@ -627,9 +639,15 @@ class LayerChainPass(Pass):
             h = node("Add", [mm, b], [batch, layer.width], f"layer{ell}/Add")
             if ell < len(layers):
                 h = node("Relu", [h], [batch, layer.width], f"layer{ell}/Relu")
-        shape = gs.Constant(namer("layered/shape"), np.array([-1, *out_shape], np.int64))
+        full = out_shape if whole else [-1, *out_shape]
+        shape = gs.Constant(namer("layered/shape"), np.array(full, np.int64))
         node("Reshape", [h, shape], None, "layered/Reshape", output=y)
         graph.nodes.extend(nodes)
+
+
+def _whole(model: LoweringModel) -> bool:
+    """Whether the mlp form took the whole tensor as the sample (axis 0 static and mixed)."""
+    return bool(model.notes.get("sample_axis"))
 
 
 def chain_bytes(widths: list[int], y: gs.Tensor) -> int:

@@ -403,3 +403,19 @@ def test_corpus_model_with_a_box(name):
     assert sum(la["carry_box"] for la in notes["layers"]) > 0
     result = onnx_lower.validate(model, lowered, samples=3, seed=2, input_box=box)
     assert max(o.scaled_err for o in result.outputs) <= SCALED
+
+
+@pytest.mark.parametrize("head", ["MatMul", "Gemm"])
+def test_whole_tensor_sample_is_a_strict_chain(head):
+    """Marabou's conv_mp1 shape (Reshape [1,8,4,4] → [128], static batch 1): the mlp form takes
+    the whole tensor as the sample, and so does the chain (Flatten axis 0, full-shape Reshape)."""
+    from tests.test_sample_axis import conv_mp1_style
+
+    model = conv_mp1_style(head)
+    lowered, report = onnx_lower.lower(model, form="layered")
+    check_chain(lowered)
+    assert report.notes["sample_axis"]["mode"] == "whole-tensor"
+    flat = lowered.graph.node[0]
+    assert flat.op_type == "Flatten" and flat.attribute[0].i == 0
+    result = onnx_lower.validate(model, lowered, samples=3, seed=1, input_range=(-4.0, 4.0))
+    assert max(o.scaled_err for o in result.outputs) <= SCALED
