@@ -1030,14 +1030,19 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
     if wb is None:
         _refuse("Gemm of two activations is not linear")
     c = _const_input(node, 2, "C")
-    for name in ("alpha", "beta"):
-        if not np.isfinite(float(attr(node, name, 1.0))):
-            # folded into the weights, inf·0 would be NaN where the original computes 0·x
-            _refuse(f"{name} is {attr(node, name)}; a non-finite scale cannot be folded exactly")
-    amap = gemm_map(
-        xs, wb, c, attr(node, "alpha", 1.0), attr(node, "beta", 1.0), flag(node, "transB")
-    )
+    alpha, beta = _gemm_scales(node)
+    amap = gemm_map(xs, wb, c, alpha, beta, flag(node, "transB"))
     return Lowering([a], [amap])
+
+
+def _gemm_scales(node: gs.Node) -> tuple[float, float]:
+    """Gemm's ``alpha`` and ``beta`` (default 1), refused unless finite: folded into the
+    weights, inf·0 would be NaN where the original computes 0·x."""
+    scales = tuple(float(attr(node, name, 1.0)) for name in ("alpha", "beta"))
+    for name, value in zip(("alpha", "beta"), scales):
+        if not np.isfinite(value):
+            _refuse(f"{name} is {value}; a non-finite scale cannot be folded exactly")
+    return scales
 
 
 def _lower_matmul(node: gs.Node, ctx: _Ctx) -> Lowering:
@@ -1372,8 +1377,9 @@ def _whole_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
     w = w.T if int(attr(node, trans_w, 0)) else w
     mm = numpy_matmul_map(t.out_shape if t else xs, w, const_left=cb is None)
     term = mm.terms[0] if t is None else mm.terms[0] @ t.terms[0]
-    term = float(attr(node, "alpha", 1.0)) * term
-    c, beta = _const_input(node, 2, "C"), float(attr(node, "beta", 1.0))
+    alpha, beta = _gemm_scales(node)
+    term = alpha * term
+    c = _const_input(node, 2, "C")
     bias = None
     if c is not None and beta != 0.0:
         try:
