@@ -37,29 +37,28 @@ CANONICALIZE = (
 )
 _FINISH = ("dce", "toposort", "name-nodes")
 
+#: The mlp lowering up to the folded Affine/Relu graph: the mlp form emits it, the layered form
+#: chains it.
+_AFFINE = (
+    *CANONICALIZE,
+    "sink-activation-below-maxpool",
+    "lower-conv",
+    "lower-pool",
+    "lower-linear",
+    "lower-activations",
+    "check-mlp",
+    "fold-linear",
+)
+
 PIPELINES: dict[str, tuple[str, ...]] = {
     "mlp": (
-        *CANONICALIZE,
-        "sink-activation-below-maxpool",
-        "lower-conv",
-        "lower-pool",
-        "lower-linear",
-        "lower-activations",
-        "check-mlp",
-        "fold-linear",
+        *_AFFINE,
         "emit-affine",
         "flatten-regions",
         *_FINISH,
     ),
     "layered": (
-        *CANONICALIZE,
-        "sink-activation-below-maxpool",
-        "lower-conv",
-        "lower-pool",
-        "lower-linear",
-        "lower-activations",
-        "check-mlp",
-        "fold-linear",
+        *_AFFINE,
         "layer-chain",
         *_FINISH,
     ),

@@ -1173,16 +1173,22 @@ def _lower_split(node: gs.Node, ctx: _Ctx) -> Lowering:
     return Lowering([x], split_maps(xs, axis, sizes))
 
 
+def _slice_args(node: gs.Node):
+    """Slice's ``starts, ends, axes, steps``: attributes before opset 10, inputs from 10
+    (https://onnx.ai/onnx/operators/onnx__Slice.html); absent axes/steps are None."""
+    if "starts" in node.attrs:  # opset < 10
+        return attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+    return (
+        _ints(_const_input(node, 1, "starts", required=True)),
+        _ints(_const_input(node, 2, "ends", required=True)),
+        _ints(_const_input(node, 3, "axes")),
+        _ints(_const_input(node, 4, "steps")),
+    )
+
+
 def _lower_slice(node: gs.Node, ctx: _Ctx) -> Lowering:
     x, xs = _data(node)
-    if "starts" in node.attrs:  # opset < 10
-        starts, ends = attr(node, "starts"), attr(node, "ends")
-        axes, steps = attr(node, "axes"), None
-    else:
-        starts = _ints(_const_input(node, 1, "starts", required=True))
-        ends = _ints(_const_input(node, 2, "ends", required=True))
-        axes = _ints(_const_input(node, 3, "axes"))
-        steps = _ints(_const_input(node, 4, "steps"))
+    starts, ends, axes, steps = _slice_args(node)
     return _single(node, slice_map(xs, starts, ends, axes, steps, batch=x.shape[0]))
 
 
@@ -1427,14 +1433,7 @@ def _whole_split(node: gs.Node, ctx: _Ctx) -> Lowering:
 
 def _whole_slice(node: gs.Node, ctx: _Ctx) -> Lowering:
     x, xs = _data(node)
-    if "starts" in node.attrs:  # opset < 10
-        starts, ends = attr(node, "starts"), attr(node, "ends")
-        axes, steps = attr(node, "axes"), None
-    else:
-        starts = _ints(_const_input(node, 1, "starts", required=True))
-        ends = _ints(_const_input(node, 2, "ends", required=True))
-        axes = _ints(_const_input(node, 3, "axes"))
-        steps = _ints(_const_input(node, 4, "steps"))
+    starts, ends, axes, steps = _slice_args(node)
     axes = range(len(starts)) if axes is None else axes
     return _single(node, slice_map(xs, starts, ends, [_shift(a, len(xs)) for a in axes], steps))
 
