@@ -139,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoweringError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        # one line: a message quoting onnxruntime or the checker may hold line breaks
+        one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"error: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

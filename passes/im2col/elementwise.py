@@ -205,6 +205,7 @@ class ElementwiseOps:
                                                      np.asarray(alpha, dtype=dtype)),
                               out_t.shape, base + "/alpha", out=out_t if c_t is None else None)
         if c_t is not None:
+            _check_gemm_bias(node, c_t, out_t)
             cv = g.const_value(c_t)
             if cv is not None:
                 cv2 = cv if beta == 1.0 else (np.asarray(cv, np.float64) * beta).astype(cv.dtype)
@@ -267,3 +268,22 @@ def _cl_rows(b: np.ndarray, perm: tuple[int, int] | None, trans: bool) -> np.nda
     return out.reshape(s * c, -1)
 
 
+
+
+def _check_gemm_bias(node, c_t, out_t) -> None:
+    """Gemm's C must broadcast unidirectionally to the output ``(M, N)``
+    (https://onnx.ai/onnx/operators/onnx__Gemm.html): each of its trailing dims is 1 or the
+    output's. A plain Add would broadcast both ways instead (``(1, 6) + (6, 1)`` is ``(6, 6)``),
+    so anything else, or a dim that matches only some batch sizes, is refused."""
+    if not out_t.shape:
+        return  # shapes are resolved up front; nothing to compare against
+    c_shape, out_shape = list(c_t.shape or []), list(out_t.shape)
+    if len(c_shape) > 2 or len(out_shape) != 2:
+        raise UnsupportedOpError(node.name, node.op, FORM,
+                                 f"C has rank {len(c_shape)} (at most 2, for an output of 2)")
+    for c_dim, o_dim in zip(reversed(c_shape), reversed(out_shape)):
+        if c_dim != 1 and c_dim != o_dim:
+            raise UnsupportedOpError(
+                node.name, node.op, FORM,
+                f"C of shape {tuple(c_shape)} does not broadcast unidirectionally to the output "
+                f"{tuple(out_shape)}, as the spec requires")
