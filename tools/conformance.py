@@ -125,6 +125,9 @@ SKIP: dict[str | tuple[str, str], str] = {
     ("test_maxpool_3d_default", "mlp"): _BUDGET,
     ("test_maxpool_3d_dilations_use_ref_impl_large", "mlp"): _BUDGET,
     ("test_averagepool_3d_default", "mlp"): _BUDGET,
+    # the mlp form fits (1 ReLU per pairwise max, shared); its strict chain carries the
+    # tournament's values through 5 layers: 1.1 GB
+    ("test_maxpool_2d_pads", "layered"): _BUDGET,
     "test_maxpool_2d_uint8": "uint8 pooling: only float activations are lowered, in both forms",
     "test_maxpool_with_argmax_2d_precomputed_pads": "the Indices output of MaxPool is out of scope",
     "test_maxpool_with_argmax_2d_precomputed_strides": "the Indices output of MaxPool is out of "
