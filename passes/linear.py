@@ -1253,16 +1253,26 @@ def _lower_reshape(node: gs.Node, ctx: _Ctx) -> Lowering:
     return _single(node, reshape_map(xs, per_sample))
 
 
-def _lower_reduce(node: gs.Node, ctx: _Ctx) -> Lowering:
-    x, xs = _data(node)
-    # keepdims default 1, noop_with_empty_axes default 0: spec of ReduceSum / ReduceMean.
+def _reduce_args(node: gs.Node) -> tuple[bool, list[int] | None, bool]:
+    """``(keepdims, axes, noop)`` of ReduceSum / ReduceMean: keepdims default 1,
+    noop_with_empty_axes default 0 (https://onnx.ai/onnx/operators/onnx__ReduceSum.html); axes
+    from the attribute (before opset 13/18) or input 1; ``noop`` when no axes and the node asks
+    for the identity."""
     keepdims = bool(attr(node, "keepdims", 1))
     axes = attr(node, "axes")
     if axes is None:
         axes = _ints(_const_input(node, 1, "axes"))
+    noop = not axes and bool(int(attr(node, "noop_with_empty_axes", 0))) and (
+        "axes" not in node.attrs)
+    return keepdims, axes, noop
+
+
+def _lower_reduce(node: gs.Node, ctx: _Ctx) -> Lowering:
+    x, xs = _data(node)
+    keepdims, axes, noop = _reduce_args(node)
+    if noop:
+        return _single(node, reshape_map(xs, xs))
     if not axes:
-        if int(attr(node, "noop_with_empty_axes", 0)) and "axes" not in node.attrs:
-            return _single(node, reshape_map(xs, xs))
         _refuse(f"{node.op} without axes reduces every axis, the batch axis included")
     return _single(node, reduce_map(xs, axes, keepdims, mean=is_op(node, "ReduceMean")))
 
@@ -1449,14 +1459,10 @@ def _whole_gather(node: gs.Node, ctx: _Ctx) -> Lowering:
 
 def _whole_reduce(node: gs.Node, ctx: _Ctx) -> Lowering:
     x, xs = _data(node)
-    # keepdims default 1, noop_with_empty_axes default 0: spec of ReduceSum / ReduceMean.
-    keepdims = bool(attr(node, "keepdims", 1))
-    axes = attr(node, "axes")
-    if axes is None:
-        axes = _ints(_const_input(node, 1, "axes"))
+    keepdims, axes, noop = _reduce_args(node)
+    if noop:
+        return _single(node, reshape_map(xs, xs))
     if not axes:
-        if int(attr(node, "noop_with_empty_axes", 0)) and "axes" not in node.attrs:
-            return _single(node, reshape_map(xs, xs))
         axes = range(len(xs))
     axes = [_shift(a, len(xs)) for a in axes]
     return _single(node, reduce_map(xs, axes, keepdims, mean=is_op(node, "ReduceMean")))

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
 from onnx_lower.targets import Profile
+from onnx_lower.windows import window_attributes
 
 __all__ = [
     "Context",
@@ -120,3 +121,11 @@ def identity_conv(ctx: Context, x: gs.Tensor, pads: list[int], out: gs.Tensor) -
     return gs.Node(
         "Conv", ctx.namer("target_pad"), attrs, [x, constant(ctx, "target_pad_w", weight)], [out]
     )
+
+
+def pool_window(node: gs.Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """A pool's ``kernel, strides, dilations, pads`` (lists the caller may change) and
+    ``ceil_mode``, from the one validated reader :func:`onnx_lower.windows.window_attributes`
+    (spec defaults filled in)."""
+    wa = window_attributes(node)
+    return list(wa.kernel), list(wa.strides), list(wa.dilations), list(wa.pads), wa.ceil_mode

@@ -28,7 +28,15 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.windows import output_extent
 
-from .common import Context, constant, ints, nonnegative, replace, static_spatial, variable
+from .common import (
+    Context,
+    constant,
+    nonnegative,
+    pool_window,
+    replace,
+    static_spatial,
+    variable,
+)
 
 __all__ = ["maxpool_as_relu_layers"]
 
@@ -59,11 +67,7 @@ def maxpool_as_relu_layers(node: gs.Node, graph: gs.Graph, ctx: Context) -> str 
                                                            and node.outputs[1].outputs):
         return None
     rank = len(spatial)
-    kernel = ints(node, "kernel_shape")
-    strides = ints(node, "strides", [1] * rank)
-    dilations = ints(node, "dilations", [1] * rank)
-    pads = ints(node, "pads", [0] * (2 * rank))
-    ceil = int(node.attrs.get("ceil_mode", 0)) == 1
+    kernel, strides, dilations, pads, ceil = pool_window(node)
     if any(pads) or ceil:
         if not nonnegative(x) or any(p >= k for p, k in zip(pads, kernel + kernel, strict=True)):
             return None

@@ -26,7 +26,16 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.windows import output_extent
 
-from .common import Context, identity_conv, ints, nonnegative, replace, static_spatial, variable
+from .common import (
+    Context,
+    identity_conv,
+    ints,
+    nonnegative,
+    pool_window,
+    replace,
+    static_spatial,
+    variable,
+)
 
 __all__ = ["fold_pad", "pad_as_conv", "maxpool_zero_pad", "spatial_zero_pads"]
 
@@ -108,11 +117,7 @@ def maxpool_zero_pad(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None
     if len(node.outputs) > 1 and node.outputs[1].outputs:
         return None  # the Indices output is read
     rank = len(spatial)
-    kernel = ints(node, "kernel_shape")
-    strides = ints(node, "strides", [1] * rank)
-    dilations = ints(node, "dilations", [1] * rank)
-    pads = ints(node, "pads", [0] * (2 * rank))
-    ceil = int(node.attrs.get("ceil_mode", 0)) == 1
+    kernel, strides, dilations, pads, ceil = pool_window(node)
     if any(d != 1 for d in dilations) or not (any(pads) or ceil):
         return None
     if any(p >= k for p, k in zip(pads, kernel + kernel, strict=True)) or not nonnegative(x):
