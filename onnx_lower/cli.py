@@ -372,6 +372,10 @@ def _dry_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Forms whose output can be a strict ReLU chain: layered always, mlp for fully-connected models
+_CHAIN_FORMS = ("layered", "mlp")
+
+
 def _resolve_format(args: argparse.Namespace) -> None:
     """``--format`` from the suffix; a .nnet output needs a strict-chain form (layered)."""
     if args.format is None:
@@ -380,15 +384,14 @@ def _resolve_format(args: argparse.Namespace) -> None:
     if args.format != "nnet":
         args.form = args.form or "auto"
         return
-    chain_forms = [f for f in ("layered", "mlp") if f in FORMS]  # mlp: fully-connected models
     if args.passes:
         raise LoweringError("--format nnet writes a form's output; drop --passes")
     if args.form is None:
-        args.form = chain_forms[0]
-    elif args.form not in chain_forms:
+        args.form = "layered"
+    elif args.form not in _CHAIN_FORMS:
         raise LoweringError(
             f"--format nnet needs a strict ReLU chain, which --form {args.form} does not make; "
-            f"use --form {chain_forms[0]} (or leave --form out)"
+            f"use --form layered (or leave --form out)"
         )
     if args.sparse_storage or args.external_data:
         raise LoweringError("--sparse-storage and --external-data apply to ONNX output, not .nnet")
