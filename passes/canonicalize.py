@@ -139,6 +139,8 @@ def _symbolic_infer(
             complete = False
             while ssi.run_:
                 complete = ssi._infer_impl()
+            if _specializes_inputs(ssi):
+                return None, False
             if hasattr(ssi, "_update_output_from_vi"):
                 ssi._update_output_from_vi()
             return ssi.out_mp_, bool(complete)
@@ -149,6 +151,20 @@ def _symbolic_infer(
             return result, result is not None
     finally:
         ssi_logger.setLevel(level)
+
+
+def _specializes_inputs(ssi) -> bool:
+    """Whether ``auto_merge`` bound a symbolic graph-input dim to a number.
+
+    Broadcasting ``(N, 6) + (6, 1)`` is valid for N = 1 and N = 6, but ``auto_merge`` settles it
+    as N = 6 and then stamps 6 into every shape that N reaches, so the result describes one
+    batch size only. onnxruntime trusts value_info (its MatMul+Add fusion reshapes by it), and a
+    lowered model carrying those shapes fails at N = 1. onnx's own inference does not propagate
+    backwards, so it is used instead.
+    """
+    merges = getattr(ssi, "suggested_merge_", {})
+    symbols = getattr(ssi, "input_symbols_", set())
+    return any(s in symbols and isinstance(v, int) for s, v in merges.items())
 
 
 @contextlib.contextmanager
