@@ -79,6 +79,8 @@ __all__ = [
     "FoldConstants",
     "RemoveIdentity",
     "ExplicitPads",
+    "WINDOW_OPS",
+    "check_window_node",
     "DeadCodeElimination",
     "TopologicalSort",
     "NameNodes",
@@ -700,7 +702,7 @@ class RemoveIdentity(GraphPass):
 # --------------------------------------------------------------------------------------------
 # explicit-pads
 
-_WINDOW_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
+WINDOW_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
 
 
 def _schema_attrs(op: str, opset: int) -> set[str]:
@@ -722,6 +724,37 @@ def _conv_operand_shape(node: gs.Node, k: int) -> list[int] | None:
     return [int(d) for d in t.shape]
 
 
+def check_window_node(node: gs.Node) -> tuple[int, ...] | None:
+    """Validate a Conv/pool node's window attributes against its input; its kernel, or None.
+
+    The one place every form calls :func:`onnx_lower.windows.window_attributes` with what the
+    graph knows (the static input extent and channels, the weight and bias shapes), so that an
+    out-of-spec attribute is refused by name whatever pass list runs. None when the kernel is
+    not known (a Conv whose weight shape is dynamic).
+    """
+    kernel = node.attrs.get("kernel_shape")
+    if kernel is None and node.op == "Conv" and len(node.inputs) > 1:
+        w = node.inputs[1]
+        wshape = list(w.shape) if w.shape is not None else None
+        if wshape is not None and all(isinstance(d, (int, np.integer)) for d in wshape[2:]):
+            kernel = [int(d) for d in wshape[2:]]
+    if kernel is None:
+        return None
+    r = len(kernel)
+    x = node.inputs[0]
+    shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
+    static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
+    window_attributes(  # refuses what the spec does not allow, naming node and attribute
+        node,
+        kernel,
+        spatial=[int(d) for d in shape[2:]] if static else None,
+        channels=int(shape[1]) if static else None,
+        weight_shape=_conv_operand_shape(node, 1),
+        bias_shape=_conv_operand_shape(node, 2),
+    )
+    return tuple(int(k) for k in kernel)
+
+
 @register_pass("explicit-pads")
 class ExplicitPads(GraphPass):
     """Replace auto_pad by explicit pads and spell out default strides, dilations and pads."""
@@ -730,32 +763,16 @@ class ExplicitPads(GraphPass):
         opset = getattr(graph, "opset", None) or model.opset
         modified = False
         for node in graph.nodes:
-            if g.is_op(node, *_WINDOW_OPS):
+            if g.is_op(node, *WINDOW_OPS):
                 modified |= self._rewrite(node, opset)
         return modified
 
     @staticmethod
     def _rewrite(node: gs.Node, opset: int) -> bool:
-        kernel = node.attrs.get("kernel_shape")
-        if kernel is None and node.op == "Conv" and len(node.inputs) > 1:
-            w = node.inputs[1]
-            wshape = list(w.shape) if w.shape is not None else None
-            if wshape is not None and all(isinstance(d, (int, np.integer)) for d in wshape[2:]):
-                kernel = [int(d) for d in wshape[2:]]
+        kernel = check_window_node(node)
         if kernel is None:
             return False
         r = len(kernel)
-        x = node.inputs[0]
-        shape = list(x.shape) if x.shape is not None and len(x.shape) == r + 2 else None
-        static = shape is not None and all(isinstance(d, (int, np.integer)) for d in shape[1:])
-        window_attributes(  # refuses what the spec does not allow, naming node and attribute
-            node,
-            kernel,
-            spatial=[int(d) for d in shape[2:]] if static else None,
-            channels=int(shape[1]) if static else None,
-            weight_shape=_conv_operand_shape(node, 1),
-            bias_shape=_conv_operand_shape(node, 2),
-        )
         known = _schema_attrs(node.op, opset)
         auto_pad = g.attr(node, "auto_pad", "NOTSET") or "NOTSET"
         strides = list(node.attrs.get("strides") or [1] * r)

@@ -48,7 +48,7 @@ from onnx_lower import graph as g
 from onnx_lower.affine import AffineMap, make_affine, replace_with_affine
 from onnx_lower.errors import UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
-from onnx_lower.windows import Windows, resolve_pads, sliding_windows
+from onnx_lower.windows import Windows, resolve_pads, sliding_windows, window_attributes
 
 from .pool_max import (
     MAX_POOL_PLANS,
@@ -204,14 +204,20 @@ def max_pool_tournament(
 # --- passes ---
 
 
-def _pool_attrs(node: gs.Node) -> dict:
-    """The window attributes of a pool node, with the spec's defaults."""
+def _pool_attrs(node: gs.Node, in_shape: Sequence[int]) -> dict:
+    """The window attributes of a pool node, validated, with the spec's defaults.
+
+    Read through :func:`onnx_lower.windows.window_attributes` here too, not only in
+    ``explicit-pads``, so that a custom ``--passes`` list without it refuses out-of-spec
+    attributes by name instead of failing inside the window arithmetic.
+    """
+    wa = window_attributes(node, spatial=in_shape[1:], channels=int(in_shape[0]))
     return {
-        "strides": g.attr(node, "strides"),
-        "pads": g.attr(node, "pads"),
-        "dilations": g.attr(node, "dilations"),
-        "ceil_mode": bool(g.attr(node, "ceil_mode", 0)),
-        "auto_pad": g.attr(node, "auto_pad", "NOTSET"),
+        "strides": wa.strides,
+        "pads": wa.pads,
+        "dilations": wa.dilations,
+        "ceil_mode": wa.ceil_mode,
+        "auto_pad": wa.auto_pad,
     }
 
 
@@ -290,7 +296,7 @@ class LowerPoolPass(GraphPass):
                 )
             global_pool = node.op.startswith("Global")
             kernel = global_pool_kernel(in_shape) if global_pool else g.attr(node, "kernel_shape")
-            attrs = {} if global_pool else _pool_attrs(node)
+            attrs = {} if global_pool else _pool_attrs(node, in_shape)
             try:
                 if node.op.endswith("MaxPool"):
                     _lower_max_pool(graph, node, namer, in_shape, kernel, attrs)

@@ -274,6 +274,27 @@ def test_out_of_spec_attribute_is_refused(name, form):
     assert f"node '{node}'" in message and f"attribute '{attribute}'" in message, message
 
 
+#: the lowering pass of each form alone, with no ``explicit-pads`` before it
+_BARE_PASSES = {"mlp": {"Conv": ["lower-conv"], "MaxPool": ["lower-pool"],
+                        "Gemm": ["lower-linear"]},
+                "im2col": {"Conv": ["lower-im2col"], "MaxPool": ["lower-im2col"],
+                           "Gemm": ["lower-linear"]}}
+
+
+@pytest.mark.parametrize("form", ["mlp", "im2col"])
+@pytest.mark.parametrize("name", sorted(ATTRIBUTE_CASES))
+def test_out_of_spec_attribute_is_refused_by_a_bare_pass_list(name, form):
+    """The check is in the lowering that reads the attributes, not only in ``explicit-pads``."""
+    from onnx_lower.errors import InvalidAttributeError
+
+    model, attribute = ATTRIBUTE_CASES[name]
+    node = model.graph.node[0]
+    with pytest.raises(InvalidAttributeError) as info:
+        onnx_lower.lower(model, passes=_BARE_PASSES[form][node.op_type])
+    message = str(info.value)
+    assert f"node '{node.name}'" in message and f"attribute '{attribute}'" in message, message
+
+
 def test_absurd_stride_is_exact():
     """A stride of 10⁶ is legal ONNX (one window per axis): lowered, not refused."""
     model = _conv(group=2, strides=[10**6, 10**6])

@@ -19,6 +19,7 @@ from onnx_lower import graph as g
 from onnx_lower.errors import UnsupportedOpError
 from onnx_lower.pass_manager import GraphPass, LoweringModel, register_pass
 
+from ..canonicalize import WINDOW_OPS, check_window_node
 from .conv import ConvOps
 from .elementwise import ElementwiseOps
 from .fold import Im2colFold
@@ -55,6 +56,8 @@ class Lowering(LayoutOps, ConvOps, GroupedOps, WinogradOps, PoolOps, Elementwise
                 continue
             if node.op in REFUSED:
                 raise UnsupportedOpError(node.name, node.op, FORM, "it has no im2col lowering")
+            if node.op in WINDOW_OPS:
+                check_window_node(node)  # whatever the pass list: refuse out-of-spec attributes
             handler = getattr(self, f"do_{node.op}", None)
             done = False
             if handler is not None:
