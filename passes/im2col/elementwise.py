@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from onnx_lower import graph as g
-from onnx_lower.errors import UnsupportedOpError
+from onnx_lower.errors import InvalidModelError, UnsupportedOpError
 
 from .emitter import float_dtype, is_static
 from .fold import bn_scale_shift, single_consumer
@@ -186,6 +186,13 @@ class ElementwiseOps:
                 a = self.e.transpose(a_t, [1, 0], shape, base + "/transA")
         scale_after = None
         if b is not None:
+            k = b.shape[-1 if trans_b else 0] if b.ndim == 2 else None
+            if perm is not None and k != perm[0] * perm[1]:
+                raise InvalidModelError(
+                    f"node '{node.name}' (Gemm): its input '{a_t.name}' flattens "
+                    f"{perm[0]} channels × {perm[1]} positions = {perm[0] * perm[1]} values, "
+                    f"but its weight '{b_t.name}' of shape {list(b.shape)} takes {k}; the "
+                    f"model cannot run as declared. Fix the model at its source")
             bm = _cl_rows(b, perm, trans_b)
             if alpha != 1.0:
                 bm = (np.asarray(bm, dtype=np.float64) * alpha).astype(b.dtype)
