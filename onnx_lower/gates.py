@@ -35,7 +35,7 @@ from pathlib import Path
 import onnx
 
 from .errors import InvalidModelError, LoweringError, OutputGateError
-from .model_io import skeleton
+from .model_io import is_repeated_field, skeleton
 
 #: Domains onnxruntime's CPU provider implements (beside the default one).
 RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
@@ -79,7 +79,7 @@ def text_problem(message, path: str = "model") -> str | None:
     from google.protobuf.descriptor import FieldDescriptor
 
     for field in message.DESCRIPTOR.fields:
-        repeated = _is_repeated(field)
+        repeated = is_repeated_field(field)
         if field.type == FieldDescriptor.TYPE_STRING:
             # invalid UTF-8 comes back as bytes (or raises, depending on the protobuf backend)
             try:
@@ -100,13 +100,6 @@ def text_problem(message, path: str = "model") -> str | None:
                 if bad:
                     return bad
     return None
-
-
-def _is_repeated(field) -> bool:
-    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` is deprecated
-    if repeated is not None:
-        return bool(repeated)
-    return field.label == field.LABEL_REPEATED
 
 
 def ort_problem(model: onnx.ModelProto | str | os.PathLike) -> str | None:

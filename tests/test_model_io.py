@@ -56,14 +56,12 @@ def test_save_replaces_an_existing_output_file(tmp_path):
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("boom")])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, error):
-    real_save = onnx.save_model
-
     def half_write(model, path, *args, **kwargs):
         with open(path, "wb") as f:  # part of the file, then the failure
             f.write(model.SerializeToString()[:10])
         raise error
 
-    monkeypatch.setattr(onnx, "save_model", half_write)
+    monkeypatch.setattr(model_io, "write_model", half_write)
     target = tmp_path / "out.onnx"
     expected = OutputPathError if isinstance(error, OSError) else RuntimeError
     with pytest.raises(expected) as info:
@@ -72,7 +70,6 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, error):
         assert "out.onnx" in str(info.value) and "No space left" in str(info.value)
         assert_one_line(info.value)
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(onnx, "save_model", real_save)
 
 
 def test_failed_save_keeps_the_previous_output(tmp_path, monkeypatch):
@@ -83,7 +80,7 @@ def test_failed_save_keeps_the_previous_output(tmp_path, monkeypatch):
     def failing(model, path, *args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(onnx, "save_model", failing)
+    monkeypatch.setattr(model_io, "write_model", failing)
     with pytest.raises(OutputPathError):
         save_model(small_model(weight_elements=5), target)
     assert target.read_bytes() == before
@@ -180,6 +177,57 @@ def test_external_data_round_trip(tmp_path):
     loaded = load_model(path)
     np.testing.assert_array_equal(weights(loaded)["w"], weights(model)["w"])
     assert [n.op_type for n in loaded.graph.node] == ["MatMul"]
+
+
+def _rich_model() -> onnx.ModelProto:
+    """Every kind of field write_model streams: metadata, a function, a sparse initializer,
+    a subgraph (If), value_info and several initializers."""
+    model = small_model(weight_elements=64)
+    model.producer_name, model.doc_string = "test", "doc"
+    helper.set_model_props(model, {"k": "v"})
+    g = model.graph
+    g.sparse_initializer.append(helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "s"),
+        numpy_helper.from_array(np.array([0, 3], np.int64), "s_i"), [4]))
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    g.node.append(helper.make_node("If", ["c"], ["o"], then_branch=branch, else_branch=branch))
+    g.initializer.append(numpy_helper.from_array(np.array(True), "c"))
+    g.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64]))
+    model.functions.append(helper.make_function(
+        "local", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+        [helper.make_opsetid("", 13)]))
+    return model
+
+
+@pytest.mark.parametrize("make", [small_model, _rich_model])
+def test_write_model_is_byte_identical_to_serialize(tmp_path, make):
+    """The streamed writer produces exactly ``SerializeToString()`` (so its output is as
+    deterministic as the serializer's) and says how many bytes it wrote."""
+    model = make()
+    n = model_io.write_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+    assert n == model.ByteSize()
+
+
+def test_write_model_never_serialises_the_whole_graph(tmp_path, monkeypatch):
+    """No message larger than one initializer is serialised at once: the point of streaming."""
+    model = small_model(weight_elements=4096)
+    sizes = []
+    real, real_graph = onnx.TensorProto.SerializeToString, onnx.GraphProto.SerializeToString
+
+    def graph_serialize(self, **kw):  # a part (one small field) is fine; the weights are not
+        if len(self.initializer):
+            pytest.fail("the graph was serialised with its initializers")
+        return real_graph(self, **kw)
+
+    monkeypatch.setattr(onnx.GraphProto, "SerializeToString", graph_serialize)
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize",
+                        lambda self: pytest.fail("ByteSize serialises the model"))
+    monkeypatch.setattr(onnx.TensorProto, "SerializeToString",
+                        lambda self, **kw: sizes.append(len(real(self))) or real(self))
+    model_io.stage_model(model, tmp_path / "m.onnx").commit(check=False)
+    assert sizes and max(sizes) < 4096 * 4 + 64
 
 
 def test_models_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
@@ -337,3 +385,14 @@ def test_owned_weights_leave_no_reference_to_the_input_proto():
     w = work.graph.tensors()["w"]
     assert not isinstance(w._values, LazyValues) and w.values[0, -1] == 299_999
     assert work.template.ByteSize() < 200
+
+
+def test_graph_that_tips_over_the_limit_uses_external_data(tmp_path, monkeypatch):
+    """The weights alone fit (the estimate says inline), the written model does not: it is
+    written again with external data, and nothing of the first attempt is left."""
+    model = small_model(weight_elements=512)  # 2 KB: over save_model's external threshold
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 512 * 4 + 8)  # above the weight bytes
+    save_model(model, tmp_path / "tip.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["tip.onnx", "tip.onnx.data"]
+    np.testing.assert_array_equal(weights(load_model(tmp_path / "tip.onnx"))["w"],
+                                  weights(model)["w"])
