@@ -72,7 +72,7 @@ from onnx_lower.affine import (
     make_affine,
     replace_with_affine,
 )
-from onnx_lower.errors import DynamicShapeError, LoweringError
+from onnx_lower.errors import DynamicShapeError, InvalidModelError, LoweringError
 from onnx_lower.graph import (
     attr,
     const_value,
@@ -1031,6 +1031,12 @@ def _lower_gemm(node: gs.Node, ctx: _Ctx) -> Lowering:
         _refuse("Gemm of two activations is not linear")
     c = _const_input(node, 2, "C")
     alpha, beta = _gemm_scales(node)
+    k = wb.shape[-1 if flag(node, "transB") else 0] if wb.ndim == 2 else None
+    if len(xs) == 1 and k is not None and xs[0] != k:  # Gemm's A is 2-D: no form could run it
+        raise InvalidModelError(
+            f"node '{node.name}' (Gemm): its input '{a.name}' has {xs[0]} values per sample, "
+            f"but its weight '{b.name}' of shape {list(wb.shape)} takes {k}; the model cannot "
+            f"run as declared. Fix the model at its source")
     amap = gemm_map(xs, wb, c, alpha, beta, flag(node, "transB"))
     return Lowering([a], [amap])
 

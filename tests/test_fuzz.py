@@ -135,6 +135,8 @@ def load_source(name: str) -> onnx.ModelProto:
     if name in BUILT:
         return BUILT[name]()
     folder, _, file = name.partition("/")
+    if folder == "corpus" and not CORPUS.is_dir():
+        pytest.skip(f"{name}: the corpus folder {CORPUS} is absent")
     return onnx.load(str((MODELS if folder == "models" else CORPUS) / file))
 
 
@@ -433,7 +435,23 @@ REGRESSIONS: dict[str, tuple[str, Mutation, str]] = {
     "gemm-k-contradicts-flatten": (
         "corpus/stanleybak__Convnet_avgpool.onnx", Mutation("attribute", "strides", [5, 5], 3),
         "im2col"),
+    "gemm-k-contradicts-flatten-mlp": (
+        "corpus/stanleybak__Convnet_avgpool.onnx", Mutation("attribute", "strides", [5, 5], 3),
+        "mlp"),
 }
+
+
+@pytest.mark.parametrize("form", ["mlp", "im2col"])
+def test_gemm_k_mismatch_is_an_invalid_model(form):
+    """[4833] mlp used to answer "use --form im2col", im2col crashed: the model cannot run in
+    any form, and both say so, naming the Gemm."""
+    from onnx_lower import lower
+    from onnx_lower.errors import InvalidModelError
+
+    source, mutation, _ = REGRESSIONS["gemm-k-contradicts-flatten"]
+    model = apply(load_source(source), mutation)
+    with pytest.raises(InvalidModelError, match=r"node 'Gemm_5' \(Gemm\).*cannot run as declared"):
+        lower(model, form=form, max_weight_mb=float(MAX_WEIGHT_MB))
 
 
 @pytest.mark.parametrize("seed", range(DEFAULT_CASES))
