@@ -42,6 +42,7 @@ __all__ = [
     "producer",
     "is_graph_output",
     "detach",
+    "detach_and_release",
     "Namer",
 ]
 
@@ -305,6 +306,23 @@ def detach(node: gs.Node) -> None:
     """Disconnect ``node``; ``graph.cleanup()`` later drops it."""
     node.inputs.clear()
     node.outputs.clear()
+
+
+def detach_and_release(graph: gs.Graph, node: gs.Node, keep: frozenset[str] = frozenset()) -> None:
+    """:func:`detach` ``node``, then empty the constants it alone read (except those named in
+    ``keep``: names a subgraph reads from this graph).
+
+    A lowering that replaces its nodes one by one would otherwise hold every old weight beside
+    its new form until the pass ends and ``cleanup()`` drops them: the peak is then old + new
+    weights (ResNet-50 with Winograd: 495 MB, 116 MB over the lowered model).
+    """
+    inputs = list(node.inputs)
+    detach(node)
+    outputs = {id(t) for t in graph.outputs}
+    for t in inputs:
+        if (isinstance(t, gs.Constant) and not t.outputs and id(t) not in outputs
+                and t.name not in keep):
+            t.values = np.empty((0,), dtype=t.dtype)
 
 
 class Namer:

@@ -48,6 +48,8 @@ class Lowering(LayoutOps, ConvOps, GroupedOps, WinogradOps, PoolOps, Elementwise
 
     def run(self) -> bool:
         changed = False
+        captured = frozenset(n for node in self.graph.nodes for v in node.attrs.values()
+                             if isinstance(v, gs.Graph) for n in names_used_by_subgraphs_of(v))
         for node in list(self.graph.nodes):
             if not node.outputs and not node.inputs:
                 continue
@@ -68,7 +70,7 @@ class Lowering(LayoutOps, ConvOps, GroupedOps, WinogradOps, PoolOps, Elementwise
                 done = self.binary(node)
             if done:
                 changed = True
-                g.detach(node)
+                g.detach_and_release(self.graph, node, captured)
             else:
                 if node.op in LOWERED_OPS:
                     raise UnsupportedOpError(node.name, node.op, FORM, _refusal_reason(node))
