@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lower.passes.activations import KEPT_ELEMENTWISE
 from onnx_lower.passes.im2col import ALLOWED_OPS, LOWERED_OPS
 
-__all__ = ["single_op_model", "run_model", "run_op", "probe_matrix", "check_ops", "MLP_OPS"]
+__all__ = ["single_op_model", "run_model", "run_op", "probe_matrix", "check_ops", "MLP_OPS",
+           "REPO_ROOT", "CORPUS"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: the real-model corpus: read in place, never committed; tests skip where it is absent
+CORPUS = REPO_ROOT.parent / "shared" / "corpus"
 
 #: The ops of the mlp form, besides the kept elementwise ops of the original.
 MLP_OPS = frozenset({"Flatten", "Reshape", "MatMul", "Add", "Relu"})

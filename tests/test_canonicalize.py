@@ -7,7 +7,6 @@ seeded inputs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lower import graph as g
 from onnx_lower.pass_manager import LoweringModel, PassManager, get_pass
 from onnx_lower.passes.canonicalize import CANONICALIZE, FOLD_LIMIT_BYTES
+from tests.oracles import CORPUS
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 F = TensorProto.FLOAT
 I64 = TensorProto.INT64
 

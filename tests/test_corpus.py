@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,9 +36,8 @@ import pytest
 import onnx_lower
 from onnx_lower.errors import BudgetExceededError
 from onnx_lower.validate import graph_inputs, make_session, random_inputs
-from tests.oracles import check_ops
+from tests.oracles import CORPUS, check_ops
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir() or not any(CORPUS.glob("*.onnx")):
     pytest.skip(f"the real-model corpus is not at {CORPUS} (it lives beside the project as "
                 f"../shared/corpus and is not committed)", allow_module_level=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lower
 from onnx_lower.errors import BudgetExceededError
-from tests.oracles import run_model
+from tests.oracles import CORPUS, run_model
 
 RNG = np.random.default_rng(0)
 
@@ -156,9 +154,6 @@ def test_lowering_is_deterministic():
     a, _ = onnx_lower.lower(model, form="mlp")
     b, _ = onnx_lower.lower(model, form="mlp")
     assert a.SerializeToString() == b.SerializeToString()
-
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 def test_sparse_storage_of_an_ir3_model_whose_initializers_are_inputs():

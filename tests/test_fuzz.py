@@ -37,9 +37,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lower.cli import main
+from tests.oracles import CORPUS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS = REPO_ROOT / ".." / "shared" / "corpus"
 MODELS = REPO_ROOT / "models"
 FORMS = ("auto", "mlp", "im2col", "fold-only")
 DEFAULT_CASES = 50

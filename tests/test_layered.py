@@ -34,10 +34,9 @@ import onnx_lower
 from onnx_lower.cli import main
 from onnx_lower.errors import BudgetExceededError, LoweringError, UnsupportedOpError
 from onnx_lower.passes import layered
-from tests.oracles import run_model
+from tests.oracles import CORPUS, run_model
 from tests.test_random_cnns import build_model, nets
 
-CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 SCALED = 1e-5
 CHAIN_HEAD, CHAIN_TAIL = ["Flatten"], ["MatMul", "Add", "Reshape"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -36,7 +35,7 @@ from onnx_lower.passes.linear import (
     slice_map,
     transpose_map,
 )
-from tests.oracles import run_model
+from tests.oracles import CORPUS, run_model
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RTOL, ATOL = 1e-5, 1e-5
@@ -920,8 +919,6 @@ def test_backend_conformance(op):
 
 
 # --- real models -------------------------------------------------------------------------------
-
-CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 
 
 def _ort_node(opset: int):

@@ -35,8 +35,8 @@ from onnx_lower.nnet import (
     write_nnet,
 )
 from onnx_lower.validate import make_session
+from tests.oracles import CORPUS
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 FC = CORPUS / "stanleybak__mnist-net_256x2.onnx"
 LENET = Path(__file__).resolve().parents[1] / "models" / "lenet_maxpool.onnx"
 

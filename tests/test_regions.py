@@ -5,8 +5,6 @@ Every lowered model is compared with onnxruntime on the original at two batch si
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -19,6 +17,7 @@ from onnx import numpy_helper as nh
 from onnx_lower import lower, plan
 from onnx_lower.errors import LoweringError
 from onnx_lower.regions import Region, extract_region, find_regions, splittable, stitch
+from tests.oracles import CORPUS
 
 from .oracles import run_model
 
@@ -229,9 +228,6 @@ def test_stitch_reports_a_dangling_read():
     del sub.graph.node[:]
     with pytest.raises(LoweringError, match="unknown tensors"):
         stitch(model, [broken], [sub])
-
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 def test_corpus_lenet5_five_tanh_separated_regions_all_mlp():
