@@ -49,6 +49,8 @@ __all__ = [
     "DEPTHWISE",
     "DENSE_GROUPS",
     "DW_CHUNK_BYTES",
+    "DW_SLICE_MAX_BYTES",
+    "DW_SLICE_MIN_ROWS",
     "CONV_CHUNK_BYTES",
     "MIN_CHUNK_ROWS",
     "MAX_CHUNKS",
@@ -66,6 +68,8 @@ INDEX_DTYPE = np.int64  # Gather indices (int32 measured no faster in onnxruntim
 DEPTHWISE = "mul"  # depthwise as Mul + ReduceSum ("mul") or as the grouped MatMul ("matmul")
 DENSE_GROUPS = 1  # more groups than this: batched per-group MatMul, not block-diagonal
 DW_CHUNK_BYTES = 1 << 20  # target size of one chunk of gathered depthwise taps
+DW_SLICE_MAX_BYTES = 1024  # depthwise taps as Slices (not a Gather) up to this channel block
+DW_SLICE_MIN_ROWS = 1024  # ... and from this many output positions (32²)
 CONV_CHUNK_BYTES = 2 << 20  # ... and of an im2col chunk (Gather + MatMul)
 MIN_CHUNK_ROWS = 64  # keep MatMuls tall enough to run at full speed
 MAX_CHUNKS = 64

@@ -70,11 +70,16 @@ class Emitter:
         return self.op("Pad", [x], out_shape, x.dtype, base,
                        {"mode": "constant", "pads": pads, "value": 0.0})
 
-    def slice(self, x, starts, ends, axes, out_shape, base):
+    def slice(self, x, starts, ends, axes, out_shape, base, steps=None):
+        """``steps`` (opset >= 10 only) other than all ones add the steps input."""
         if self.opset >= 10:
             inputs = [x, self.ints(base + "/starts", starts), self.ints(base + "/ends", ends),
                       self.ints(base + "/axes", axes)]
+            if steps is not None and any(int(v) != 1 for v in steps):
+                inputs.append(self.ints(base + "/steps", steps))
             return self.op("Slice", inputs, out_shape, x.dtype, base)
+        if steps is not None and any(int(v) != 1 for v in steps):
+            raise ValueError("Slice steps need opset 10")
         return self.op("Slice", [x], out_shape, x.dtype, base,
                        {"starts": list(starts), "ends": list(ends), "axes": list(axes)})
 
