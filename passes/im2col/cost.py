@@ -51,6 +51,8 @@ __all__ = [
     "DW_CHUNK_BYTES",
     "DW_SLICE_MAX_BYTES",
     "DW_SLICE_MIN_ROWS",
+    "POOL_AXIS_ORDER",
+    "POOL_SLICES",
     "CONV_CHUNK_BYTES",
     "MIN_CHUNK_ROWS",
     "MAX_CHUNKS",
@@ -70,6 +72,8 @@ DENSE_GROUPS = 1  # more groups than this: batched per-group MatMul, not block-d
 DW_CHUNK_BYTES = 1 << 20  # target size of one chunk of gathered depthwise taps
 DW_SLICE_MAX_BYTES = 1024  # depthwise taps as Slices (not a Gather) up to this channel block
 DW_SLICE_MIN_ROWS = 1024  # ... and from this many output positions (32²)
+POOL_SLICES = True  # MaxPool (dilation 1) as Slices of an edge-padded input, not Gathers
+POOL_AXIS_ORDER = "first"  # MaxPool slices: reduce the outer ("first") or the last axis first
 CONV_CHUNK_BYTES = 2 << 20  # ... and of an im2col chunk (Gather + MatMul)
 MIN_CHUNK_ROWS = 64  # keep MatMuls tall enough to run at full speed
 MAX_CHUNKS = 64
