@@ -29,33 +29,28 @@
   multiplier 1): ``Σ_t Slice_t(Pad(x)) · w_t`` on the ``(N, *spatial, C)`` view — one Pad, one
   (strided) Slice per tap (whole rows of ``W·C`` values: memcpy speed, where the Gather pays
   ~12 ns per block of ``C`` values), a Mul by the tap's weight row **tiled along the last
-  spatial axis** (onnxruntime broadcasts a ``(C,)`` row span by span, ~2× slower per Mul than a
-  ``(W_out, C)`` tile), an Add chain, the bias tiled likewise (:meth:`emit_depthwise_slices`).
-  More passes than the gather form (K Slices + K Muls + K−1 Adds of the output size, against
-  one K-fold Gather, Mul and ReduceSum), but no per-block cost. Whole networks, interleaved
-  (``tools/bench_knobs.py``, loaded machine, ratio to native): MobileNetV2 2.79 / 2.73 (gather)
-  → 2.47 / 2.50 (slices where ``S_out ≥ 1024``), 2.49 / 2.56 (slices everywhere); ShuffleNet
-  V2 (58-232 channels at 28² and below) 1.58-2.31 (gather) against 1.60-2.32 (≥ 1024: its
-  layers keep the gather) and 1.67-2.32 (slices everywhere: a loss on small maps). Single
-  layers move ±3× between runs on the shared machine; where they were stable: 0.6-0.95× the
-  gather form for C ≤ 192 on maps ≥ 56², 0.93-1.01× at 7²-28², 1.12-1.24× for 384 channels.
-  Tried and not kept: row bands (chunks of ~256 KB-1 MB, Concat at the end): 0.94-1.0× the
-  unbanded form; one ``Sum`` of the K products instead of the Add chain: 1.3-1.6× slower;
-  the bias as a 10th tap on an appended ones row (gather form): 0.89-1.08×, noise; tiled
-  weights in the gather form (``(rows, K, C)`` constants): 1.1-1.3× slower (the constant is
-  read like a second input); tap-major gathers ``(K, rows, C)`` with ReduceSum over K:
-  1.3-2.5× slower. Depthwise Winograd was not built: as dense transforms its MACs per output
-  (F(2,3) Kronecker 64, separable F(4,3) 27) exceed the direct conv's 9, and as elementwise
-  transforms (Slices and Adds) F(2×2, 3×3) writes about as many elements (≈ 24 output sizes)
-  as the slice form (≈ 27) in three times the nodes.
+  spatial axis** (onnxruntime broadcasts a ``(C,)`` row span by span: untiled, the 9 Muls of a
+  32-channel 112² layer took 2.2 ms against 1.2 ms for its 9 Adds), an Add chain, the bias
+  tiled likewise (:meth:`GroupedOps.emit_depthwise_slices`). More passes than the gather form
+  (K Slices + K Muls + K−1 Adds of the output size, against one K-fold Gather, Mul and
+  ReduceSum), but no per-block cost. Whole networks, interleaved A/B
+  (``tools/bench_knobs.py``, loaded machine, ratio to native, 8 rounds): MobileNetV2 2.73-3.23
+  (gather) → 2.47-2.78; ShuffleNet V2 (58-232 channels at 28² and below) loses 2-10 % with
+  slices on its small maps, hence the ``S_out`` rule (BENCHMARKS.md, "Depthwise convs and
+  MaxPool without gathered taps"). Tried and not kept, with their numbers there: row bands,
+  one ``Sum`` instead of the Add chain, Slices of the flattened padded rows, the bias as a 10th
+  tap, tiled weights and tap-major taps in the gather form; depthwise Winograd was not built
+  (its dense transforms cost 27-64 MACs per output against the direct conv's 9).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from . import cost
 from .layout import CL
@@ -87,7 +82,8 @@ def depthwise_slice_reason(channels: int, itemsize: int, multiplier: int, stride
             "tap Slices + Mul + Add")
 
 
-def tap_slices(kernel, strides, dilations, out_spatial):
+def tap_slices(kernel, strides, dilations,
+               out_spatial) -> Iterator[tuple[list[int], list[int], list[int]]]:
     """``(starts, ends, steps)`` per tap (C order over ``kernel``) on the padded input: tap
     ``t`` of axis ``i`` reads positions ``t·d + o·s`` for ``o < out_i``."""
     for t in itertools.product(*(range(k) for k in kernel)):
@@ -100,8 +96,8 @@ def tap_slices(kernel, strides, dilations, out_spatial):
 class GroupedOps:
     """Grouped (batched per-group MatMul) and depthwise (Mul + ReduceSum, or Slices) convs."""
 
-    def emit_depthwise_slices(self, x: CL, wg: np.ndarray, b, plan, out_t, base: str,
-                              choice):
+    def emit_depthwise_slices(self, x: CL, wg: np.ndarray, b: gs.Constant | None, plan, out_t,
+                              base: str, choice) -> gs.Variable:
         """``Σ_t Slice_t(Pad(x)) · w_t`` on the ``(N, *spatial, C)`` view (channel multiplier
         1): one Pad, then per tap a (strided) Slice and a Mul by its weight row tiled along the
         last spatial axis (onnxruntime broadcasts a ``(C,)`` row in spans of ``C``, slowly), an

@@ -2,7 +2,15 @@
 
 Pools
 -----
-* MaxPool: padding is −inf, so padding taps repeat a valid tap of the window
+* MaxPool with dilation 1 (issue 13, :func:`slice_plan`): one **edge** Pad of the
+  ``(N, *spatial, C)`` view (exact: a window reaching into the padding holds a valid tap and,
+  being contiguous on each axis, the border element the pad repeats; ``max(a, a) = a``), then
+  axis by axis (outer first, :data:`.cost.POOL_AXIS_ORDER`) a balanced tree of pairwise maxima
+  over the window's (strided) Slices. Against the gathered plan below (BENCHMARKS.md,
+  "Depthwise convs and MaxPool without gathered taps"): ShuffleNet V2 (a 24-channel 112² stem
+  pool) −17 to −19 % whole-network, ResNet-18 −3 %, SqueezeNet −1 to 0 %; per layer 0.9-1.0×
+  (the 3 elementwise nodes per pairwise max remain the cost, 2-3× native).
+* MaxPool otherwise (dilated): padding is −inf, so padding taps repeat a valid tap of the window
   (:func:`onnx_lower.passes.pool.max_pool_taps`; ``max(a, a) = a``) and no zero row is read. Maxima
   use ``max(a, b) = b + relu(a - b)`` (Sub, Relu, Add). :func:`max_pool_plan` picks the cheapest of
   a joint plan over all K taps and separable plans (one stage per axis: the window of a product grid
@@ -24,6 +32,7 @@ import itertools
 import math
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
 from onnx_lower.errors import UnsupportedOpError
@@ -220,7 +229,7 @@ class PoolOps:
             k = h
         return x
 
-    def max_pool_slices(self, x: CL, plan: SlicePlan, c: int, base: str):
+    def max_pool_slices(self, x: CL, plan: SlicePlan, c: int, base: str) -> gs.Variable:
         """The max of every window as one edge Pad and, axis by axis, a balanced tree of
         pairwise maxima over the (strided) Slices of the window's taps; ``(N, S_out, C)``."""
         n, r = x.batch, len(x.spatial)

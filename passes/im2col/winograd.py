@@ -189,6 +189,11 @@ class WinogradOps:
                                         strides, self.e.opset, s_out)
         if dw is not None:
             choice = ConvChoice("depthwise-slices", dw)
+        elif group > 1 and weight.shape[1] == 1 and cost.DEPTHWISE == "mul":
+            choice = ConvChoice("depthwise", f"depthwise, {x.channels} channels: Gather + Mul + "
+                                "ReduceSum (wide channel blocks or small maps)")
+        elif group > cost.DENSE_GROUPS:
+            choice = ConvChoice("grouped", f"group {group}: batched per-group MatMul")
         elif all(k == 1 for k in kernel) and not any(pads):
             choice = ConvChoice("matmul" if all(s == 1 for s in strides) else "im2col",
                                 "1×1 conv: one MatMul on the (strided) rows")
