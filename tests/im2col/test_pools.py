@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -52,7 +52,7 @@ def test_max_pool_matches_onnxruntime(case):
     check(make_model([node], ["N", 3, *spatial]), batches=(2,))
 
 
-@HYP
+@settings(HYP, max_examples=25)
 @given(pool_cases(dilate=False), st.sampled_from(["first", "last", "gather"]),
        st.sampled_from([1, "N"]), st.booleans())
 def test_max_pool_slices_and_gathers_match_onnxruntime(case, mode, batch, relu):
