@@ -3,7 +3,9 @@
 
 Usage::
 
-    python tools/bench_layers.py                    # both experiments
+    python tools/bench_layers.py                    # every experiment
+    python tools/bench_layers.py --only dwslices --repeat 30
+    python tools/bench_layers.py --only maxpool --repeat 30
     python tools/bench_layers.py --only gather --repeat 100
     python tools/bench_layers.py --only grouped
 
@@ -24,6 +26,16 @@ so only the layer is timed) under each formulation of :mod:`onnx_lower.passes.im
 (``DENSE_GROUPS``): the batched per-group MatMul (``(N, g, S, C/g)``, two Transposes) against
 one block-diagonal MatMul (g× the FLOPs, no Transpose), and against the native grouped Conv
 (+ the native shuffle) on NCHW.
+
+``dwslices`` (issue 13): depthwise 3×3 convs + bias + Clip(0, 6) (MobileNetV2/ShuffleNet
+layers) lowered by ``lower-im2col`` on an NHWC input in both forms of
+:mod:`onnx_lower.passes.im2col.grouped`: the gathered taps (``DW_SLICE_MAX_BYTES = 0``) and the
+tap Slices (forced on: ``DW_SLICE_MIN_ROWS = 1``), against the native depthwise Conv + Clip.
+
+``maxpool`` (issue 13): ReLU + MaxPool 3×3/2 (SqueezeNet's ceil_mode pools, ResNet's padded
+one) lowered on an NHWC input as the gathered plan (``POOL_SLICES = False``) and as Slices of
+an edge-padded input reducing the outer axis first or the last axis first
+(``POOL_AXIS_ORDER``), against onnxruntime's Relu + MaxPool.
 
 Every variant is checked against the native result first. Sessions use one thread; A/B/C runs
 are interleaved after warm-up and the medians are quoted with their ratios.
@@ -241,16 +253,99 @@ def grouped(repeat: int) -> list[str]:
     return lines
 
 
+def _nhwc_wrap(nodes, x_in: str, y_out: str, c: int, hw: int, inits: dict):
+    """``nodes`` (NCHW ``x_in`` → ``y_out``) between an NHWC input Transpose and an NHWC output
+    Transpose (which the im2col form absorbs), shape-inferred."""
+    nodes = [helper.make_node("Transpose", ["x"], [x_in], perm=[0, 3, 1, 2]), *nodes,
+             helper.make_node("Transpose", [y_out], ["y"], perm=[0, 2, 3, 1])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, hw, hw, c])], inits)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+#: MobileNetV2 / ShuffleNet V2 depthwise layers: (C, H=W, stride).
+DW_LAYERS = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1),
+             (58, 28, 1), (116, 14, 1), (384, 14, 1), (576, 14, 1), (960, 7, 1))
+
+
+def dwslices(repeat: int) -> list[str]:
+    lines = ["| C | H=W | stride | gather ms | slices ms | native ms | gather / native | "
+             "slices / native | slices / gather |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for c, hw, stride in DW_LAYERS:
+        inits = {"w": rng.standard_normal((c, 1, 3, 3)).astype(np.float32),
+                 "b": rng.standard_normal(c).astype(np.float32),
+                 "lo": np.float32(0), "hi": np.float32(6)}
+        conv = helper.make_node("Conv", ["xt", "w", "b"], ["c"], pads=[1, 1, 1, 1], group=c,
+                                strides=[stride, stride])
+        clip = helper.make_node("Clip", ["c", "lo", "hi"], ["r"])
+        cl = _nhwc_wrap([conv, clip], "xt", "r", c, hw, inits)
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        feed_cl = {"x": np.ascontiguousarray(x.transpose(0, 2, 3, 1))}
+        conv.input[0], clip.output[0] = "x", "y"
+        native = _model([conv, clip], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
+                        inits)
+        runs = [(make_session(_lowered(cl, DW_SLICE_MAX_BYTES=0)), feed_cl),
+                (make_session(_lowered(cl, DW_SLICE_MAX_BYTES=1 << 30, DW_SLICE_MIN_ROWS=1)),
+                 feed_cl),
+                (make_session(native), {"x": x})]
+        want = runs[2][0].run(None, runs[2][1])[0].transpose(0, 2, 3, 1)
+        for sess, feed in runs[:2]:
+            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+        ms = _interleaved(runs, repeat)
+        lines.append(f"| {c} | {hw} | {stride} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[2]:.3f} | "
+                     f"{ms[0] / ms[2]:.2f} | {ms[1] / ms[2]:.2f} | {ms[1] / ms[0]:.2f} |")
+    return lines
+
+
+#: Max pools (C, H=W, kernel, pads, ceil_mode), stride 2: SqueezeNet 1.1 / 1.0 and ResNet /
+#: ShuffleNet 3×3, VGG-11 2×2.
+POOL_LAYERS = ((64, 111, 3, 0, 1), (128, 55, 3, 0, 1), (256, 27, 3, 0, 1), (96, 109, 3, 0, 1),
+               (64, 112, 3, 1, 0), (24, 112, 3, 1, 0), (64, 224, 2, 0, 0), (128, 112, 2, 0, 0),
+               (256, 56, 2, 0, 0), (512, 28, 2, 0, 0), (512, 14, 2, 0, 0))
+
+
+def maxpool(repeat: int) -> list[str]:
+    lines = ["| C | H=W | kernel | pads | ceil | gather ms | slices outer-first ms | "
+             "slices last-first ms | native ms | gather / native | outer-first / native | "
+             "last-first / native |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for c, hw, k, pad, ceil in POOL_LAYERS:
+        relu = helper.make_node("Relu", ["xt"], ["r"])
+        pool = helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[k, k], strides=[2, 2],
+                                pads=[pad] * 4, ceil_mode=ceil)
+        cl = _nhwc_wrap([relu, pool], "xt", "p", c, hw, {})
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        feed_cl = {"x": np.ascontiguousarray(x.transpose(0, 2, 3, 1))}
+        relu.input[0], pool.output[0] = "x", "y"
+        native = _model([relu, pool], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
+                        {})
+        runs = [(make_session(_lowered(cl, POOL_SLICES=False)), feed_cl),
+                (make_session(_lowered(cl, POOL_AXIS_ORDER="first")), feed_cl),
+                (make_session(_lowered(cl, POOL_AXIS_ORDER="last")), feed_cl),
+                (make_session(native), {"x": x})]
+        want = runs[3][0].run(None, runs[3][1])[0].transpose(0, 2, 3, 1)
+        for sess, feed in runs[:3]:
+            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-6, atol=1e-6)
+        ms = _interleaved(runs, repeat)
+        lines.append(f"| {c} | {hw} | {k}×{k} | {pad} | {ceil} | {ms[0]:.3f} | {ms[1]:.3f} | "
+                     f"{ms[2]:.3f} | {ms[3]:.3f} | {ms[0] / ms[3]:.2f} | {ms[1] / ms[3]:.2f} | "
+                     f"{ms[2] / ms[3]:.2f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("gather", "depthwise", "grouped"), help="run one experiment")
+    ap.add_argument("--only", choices=("gather", "depthwise", "grouped", "dwslices", "maxpool"),
+                    help="run one experiment")
     ap.add_argument("--repeat", type=int, default=40, help="timed rounds (default 40)")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
           f"{info['date']}; 1 thread, {args.repeat} interleaved rounds, medians")
     for name, run in (("gather", gather_blocks), ("depthwise", depthwise),
-                      ("grouped", grouped)):
+                      ("grouped", grouped), ("dwslices", dwslices), ("maxpool", maxpool)):
         if args.only in (None, name):
             print(f"\n{name}\n")
             print("\n".join(run(args.repeat)))

@@ -240,15 +240,18 @@ def _space_to_depth_block(channels: int, strides, dtype: np.dtype) -> tuple[int,
 
 #: The conv algorithms :func:`choose_conv_algorithm` picks from, each a ``ConvOps`` /
 #: ``GroupedOps`` method ``emit_<algorithm>`` with the same signature.
-CONV_ALGORITHMS = ("matmul", "im2col", "grouped", "depthwise", "winograd")
+CONV_ALGORITHMS = ("matmul", "im2col", "grouped", "depthwise", "depthwise_slices", "winograd")
 
 
 def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan,
                           winograd: ConvChoice | None = None) -> str:
     """The algorithm of a conv with weights ``(g, K, C/g, M/g)`` read through ``plan``.
 
+    * ``"depthwise_slices"``: a depthwise Conv whose :class:`.winograd.ConvChoice` says so
+      (thin channel blocks, :func:`.grouped.depthwise_slice_reason`): one Slice, Mul and Add
+      per tap (:mod:`.grouped`);
     * ``"depthwise"``: ``C/g == 1``, ``g > 1`` (and :data:`.cost.DEPTHWISE` is ``"mul"``):
-      Mul by per-tap weights + ReduceSum over the taps (:mod:`.grouped`);
+      Gather, Mul by per-tap weights, ReduceSum over the taps (:mod:`.grouped`);
     * ``"grouped"``: more than :data:`.cost.DENSE_GROUPS` groups: a batched per-group MatMul
       (:mod:`.grouped`);
     * ``"matmul"``: the taps are ``arange(S_in)`` (1×1 stride 1 unpadded, or a kernel covering
@@ -260,6 +263,8 @@ def choose_conv_algorithm(wg_shape: tuple[int, int, int, int], plan: GatherPlan,
     This is the single place a conv picks its algorithm; ConvTranspose goes through it too.
     """
     grp, _, cg, _ = wg_shape
+    if cg == 1 and grp > 1 and winograd is not None and winograd.algo == "depthwise-slices":
+        return "depthwise_slices"
     if cg == 1 and grp > 1 and cost.DEPTHWISE == "mul":
         return "depthwise"
     if grp > cost.DENSE_GROUPS:
@@ -315,7 +320,7 @@ class ConvOps:
         if bias is not None and np.any(bias):
             b = self.e.const(f"{base}/bias", np.asarray(bias, dtype=np.float64).astype(x.dtype))
         emit = getattr(self, "emit_" + algorithm)
-        if algorithm == "winograd":
+        if algorithm in ("winograd", "depthwise_slices"):
             return emit(x, wg, b, plan, out_t, base, winograd), shuffled
         if algorithm == "grouped":
             return emit(x, wg, b, plan, out_t, base, shuffled=shuffled), shuffled

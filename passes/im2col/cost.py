@@ -13,6 +13,15 @@ VGG 3×3 256→256 at 56², 1.30× → 1.10×; 64→128 at 112², 1.46× → 1.1
 Depthwise chunks: MobileNetV2 1.4× faster than unchunked. Running the following Clip and 1×1
 projection per depthwise chunk as well gained only 2 % and is not done.
 
+Depthwise and max-pool taps as Slices (issue 13, BENCHMARKS.md "Depthwise convs and MaxPool
+without gathered taps"; interleaved whole-network A/B, 1 thread, load 4-7): depthwise convs with
+``C·itemsize ≤ DW_SLICE_MAX_BYTES`` (1 KB) and ``S_out ≥ DW_SLICE_MIN_ROWS`` (1024) take their
+taps as Slices (MobileNetV2 2.73-3.23 → 2.47-2.78 × native over 8 rounds; on ShuffleNet V2's
+28² and smaller maps slices lost 2-10 %, so those keep the Gather; 384+ channels lost 0-19 % per
+layer). ``POOL_SLICES``: dilation-1 MaxPools as Slices of an edge-padded input (ShuffleNet V2
+−17 to −19 %, ResNet-18 −3 %, the rest within noise), reducing the outer axis first
+(``POOL_AXIS_ORDER``; last-first measured 0.97-1.03×).
+
 Measured and rejected: int32 Gather indices (1.006× / 0.993× on ResNet-18 / MobileNetV2);
 ``Concat`` with a zero constant instead of ``Pad`` for the zero row (equal); chunking pools
 (0.98-1.01×); one 6-D Transpose from NCHW for space-to-depth (10× slower than two simple ones).
@@ -49,6 +58,10 @@ __all__ = [
     "DEPTHWISE",
     "DENSE_GROUPS",
     "DW_CHUNK_BYTES",
+    "DW_SLICE_MAX_BYTES",
+    "DW_SLICE_MIN_ROWS",
+    "POOL_AXIS_ORDER",
+    "POOL_SLICES",
     "CONV_CHUNK_BYTES",
     "MIN_CHUNK_ROWS",
     "MAX_CHUNKS",
@@ -66,6 +79,10 @@ INDEX_DTYPE = np.int64  # Gather indices (int32 measured no faster in onnxruntim
 DEPTHWISE = "mul"  # depthwise as Mul + ReduceSum ("mul") or as the grouped MatMul ("matmul")
 DENSE_GROUPS = 1  # more groups than this: batched per-group MatMul, not block-diagonal
 DW_CHUNK_BYTES = 1 << 20  # target size of one chunk of gathered depthwise taps
+DW_SLICE_MAX_BYTES = 1024  # depthwise taps as Slices (not a Gather) up to this channel block
+DW_SLICE_MIN_ROWS = 1024  # ... and from this many output positions (32²)
+POOL_SLICES = True  # MaxPool (dilation 1) as Slices of an edge-padded input, not Gathers
+POOL_AXIS_ORDER = "first"  # MaxPool slices: reduce the outer ("first") or the last axis first
 CONV_CHUNK_BYTES = 2 << 20  # ... and of an im2col chunk (Gather + MatMul)
 MIN_CHUNK_ROWS = 64  # keep MatMuls tall enough to run at full speed
 MAX_CHUNKS = 64

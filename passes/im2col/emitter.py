@@ -62,19 +62,29 @@ class Emitter:
         idx = self.const(base + "/taps", np.asarray(indices, dtype=cost.INDEX_DTYPE))
         return self.op("Gather", [x, idx], out_shape, x.dtype, base, {"axis": axis})
 
-    def pad(self, x, pads, out_shape, base):
-        """Zero padding (ONNX ``pads`` layout: all begins, then all ends)."""
+    def pad(self, x, pads, out_shape, base, mode: str = "constant"):
+        """Zero padding, or ``mode="edge"`` (repeat the border value); ONNX ``pads`` layout: all
+        begins, then all ends."""
         pads = [int(p) for p in pads]
         if self.opset >= 11:
-            return self.op("Pad", [x, self.ints(base + "/pads", pads)], out_shape, x.dtype, base)
-        return self.op("Pad", [x], out_shape, x.dtype, base,
-                       {"mode": "constant", "pads": pads, "value": 0.0})
+            attrs = {} if mode == "constant" else {"mode": mode}
+            return self.op("Pad", [x, self.ints(base + "/pads", pads)], out_shape, x.dtype, base,
+                           attrs)
+        attrs = {"mode": mode, "pads": pads}
+        if mode == "constant":
+            attrs["value"] = 0.0
+        return self.op("Pad", [x], out_shape, x.dtype, base, attrs)
 
-    def slice(self, x, starts, ends, axes, out_shape, base):
+    def slice(self, x, starts, ends, axes, out_shape, base, steps=None):
+        """``steps`` (opset >= 10 only) other than all ones add the steps input."""
         if self.opset >= 10:
             inputs = [x, self.ints(base + "/starts", starts), self.ints(base + "/ends", ends),
                       self.ints(base + "/axes", axes)]
+            if steps is not None and any(int(v) != 1 for v in steps):
+                inputs.append(self.ints(base + "/steps", steps))
             return self.op("Slice", inputs, out_shape, x.dtype, base)
+        if steps is not None and any(int(v) != 1 for v in steps):
+            raise ValueError("Slice steps need opset 10")
         return self.op("Slice", [x], out_shape, x.dtype, base,
                        {"starts": list(starts), "ends": list(ends), "axes": list(axes)})
 

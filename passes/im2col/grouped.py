@@ -24,16 +24,38 @@
   (``tools/bench_layers.py``). Every formulation writes
   the K-fold tap tensor and runs ~4 elementwise passes over it, where the native kernel reads x
   once: this is what limits MobileNetV2 (:mod:`.cost`).
+* depthwise with thin channel blocks on large maps (issue 13; ``C·itemsize ≤``
+  :data:`.cost.DW_SLICE_MAX_BYTES` and ``S_out ≥`` :data:`.cost.DW_SLICE_MIN_ROWS`, channel
+  multiplier 1): ``Σ_t Slice_t(Pad(x)) · w_t`` on the ``(N, *spatial, C)`` view — one Pad, one
+  (strided) Slice per tap (whole rows of ``W·C`` values: memcpy speed, where the Gather pays
+  ~12 ns per block of ``C`` values), a Mul by the tap's weight row **tiled along the last
+  spatial axis** (onnxruntime broadcasts a ``(C,)`` row span by span: untiled, the 9 Muls of a
+  32-channel 112² layer took 2.2 ms against 1.2 ms for its 9 Adds), an Add chain, the bias
+  tiled likewise (:meth:`GroupedOps.emit_depthwise_slices`). More passes than the gather form
+  (K Slices + K Muls + K−1 Adds of the output size, against one K-fold Gather, Mul and
+  ReduceSum), but no per-block cost. Whole networks, interleaved A/B
+  (``tools/bench_knobs.py``, loaded machine, ratio to native, 8 rounds): MobileNetV2 2.73-3.23
+  (gather) → 2.47-2.78; ShuffleNet V2 (58-232 channels at 28² and below) loses 2-10 % with
+  slices on its small maps, hence the ``S_out`` rule (BENCHMARKS.md, "Depthwise convs and
+  MaxPool without gathered taps"). Tried and not kept, with their numbers there: row bands,
+  one ``Sum`` instead of the Add chain, Slices of the flattened padded rows, the bias as a 10th
+  tap, tiled weights and tap-major taps in the gather form; depthwise Winograd was not built
+  (its dense transforms cost 27-64 MACs per output against the direct conv's 9).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterator
+
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from . import cost
 from .layout import CL
 
-__all__ = ["GroupedOps", "depthwise_weight"]
+__all__ = ["GroupedOps", "depthwise_slice_reason", "depthwise_weight", "tap_slices"]
 
 
 def depthwise_weight(wg: np.ndarray) -> np.ndarray:
@@ -41,9 +63,81 @@ def depthwise_weight(wg: np.ndarray) -> np.ndarray:
     return wg[:, :, 0, :].transpose(1, 0, 2)
 
 
+def depthwise_slice_reason(channels: int, itemsize: int, multiplier: int, strides,
+                           opset: int, s_out: int) -> str | None:
+    """Why a depthwise conv (``C/g = 1``) takes its taps as Slices, or None if it gathers them.
+
+    Slices of the padded ``(N, *spatial, C)`` view copy whole rows; the Gather copies one block
+    of ``C`` values per tap and output position at a fixed ~12 ns each, which dominates for thin
+    channel blocks (:data:`.cost.DW_SLICE_MAX_BYTES`, measured in the module docstring).
+    """
+    if multiplier != 1:
+        return None
+    if channels * itemsize > cost.DW_SLICE_MAX_BYTES or s_out < cost.DW_SLICE_MIN_ROWS:
+        return None
+    if opset < 10 and any(s != 1 for s in strides):
+        return None  # strided Slices need the steps input
+    return (f"depthwise, {channels} channels ({channels * itemsize} B ≤ "
+            f"{cost.DW_SLICE_MAX_BYTES} B), {s_out} outputs ≥ {cost.DW_SLICE_MIN_ROWS}: "
+            "tap Slices + Mul + Add")
+
+
+def tap_slices(kernel, strides, dilations,
+               out_spatial) -> Iterator[tuple[list[int], list[int], list[int]]]:
+    """``(starts, ends, steps)`` per tap (C order over ``kernel``) on the padded input: tap
+    ``t`` of axis ``i`` reads positions ``t·d + o·s`` for ``o < out_i``."""
+    for t in itertools.product(*(range(k) for k in kernel)):
+        starts = [ti * d for ti, d in zip(t, dilations)]
+        ends = [st + (o - 1) * s + 1 for st, o, s in zip(starts, out_spatial, strides)]
+        yield starts, ends, list(strides)
+
+
 
 class GroupedOps:
-    """Grouped (batched per-group MatMul) and depthwise (Mul + ReduceSum) convs."""
+    """Grouped (batched per-group MatMul) and depthwise (Mul + ReduceSum, or Slices) convs."""
+
+    def emit_depthwise_slices(self, x: CL, wg: np.ndarray, b: gs.Constant | None, plan, out_t,
+                              base: str, choice) -> gs.Variable:
+        """``Σ_t Slice_t(Pad(x)) · w_t`` on the ``(N, *spatial, C)`` view (channel multiplier
+        1): one Pad, then per tap a (strided) Slice and a Mul by its weight row tiled along the
+        last spatial axis (onnxruntime broadcasts a ``(C,)`` row in spans of ``C``, slowly), an
+        Add chain, and the bias (tiled likewise). ``plan`` is unused: the Slices are the taps.
+        Returns ``(N, S_out, C)``."""
+        grp, k, _, _ = wg.shape
+        n, dtype, r = x.batch, x.dtype, len(x.spatial)
+        _, out_spatial = self.out_cl_shape(out_t)
+        pads = choice.pads
+        view = self.e.reshape(self.primary(x), [-1, *x.spatial, grp], [n, *x.spatial, grp],
+                              base + "/spatial")
+        if any(pads):
+            padded_shape = [n, *(a + pads[i] + pads[r + i] for i, a in enumerate(x.spatial)),
+                            grp]
+            view = self.e.pad(view, [0, *pads[:r], 0, 0, *pads[r:], 0], padded_shape,
+                              base + "/dw_pad")
+        shape = [n, *out_spatial, grp]
+        wd = depthwise_weight(wg)[:, :, 0]  # (K, C)
+        last = out_spatial[-1]
+        used = [t for t in range(k) if np.any(wd[t])] or [0]  # zero taps add nothing
+        acc = None
+        axes = list(range(1, r + 1))
+        for t, (starts, ends, steps) in enumerate(tap_slices(choice.kernel, choice.strides,
+                                                             choice.dilations, out_spatial)):
+            if t not in used:
+                continue
+            full = all(st == 0 and en == view.shape[1 + i] and sp == 1
+                       for i, (st, en, sp) in enumerate(zip(starts, ends, steps)))
+            tap = view if full else self.e.slice(view, starts, ends, axes, shape,
+                                                 f"{base}/dw_tap{t}", steps=steps)
+            w = self.e.const(f"{base}/dw_w{t}", np.tile(wd[t], (last, 1)).astype(dtype))
+            prod = self.e.binary("Mul", tap, w, shape, f"{base}/dw_mul{t}")
+            acc = prod if acc is None else self.e.binary("Add", acc, prod, shape,
+                                                         f"{base}/dw_add{t}")
+        if b is not None:
+            bt = self.e.const(f"{base}/dw_bias", np.tile(np.asarray(b.values).reshape(-1),
+                                                         (last, 1)).astype(dtype))
+            acc = self.e.binary("Add", acc, bt, shape, base + "/bias")
+        s_out = math.prod(out_spatial)
+        return self.e.reshape(acc, [-1, s_out, grp], [n, s_out, grp], base + "/dw_rows")
 
     def emit_depthwise(self, x: CL, wg: np.ndarray, b, plan, out_t, base: str):
         """``ReduceSum(Gather(x) · w[K, C], axis=2)`` per chunk (a channel multiplier ``Mg > 1``

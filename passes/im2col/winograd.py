@@ -59,6 +59,7 @@ from onnx_lower.pass_manager import CONV_ALGOS
 from onnx_lower.windows import resolve_pads
 
 from . import cost
+from .grouped import depthwise_slice_reason
 from .layout import CL
 
 __all__ = ["ERROR_GATE", "ConvChoice", "WinogradOps", "eligible", "estimate_ms", "choose"]
@@ -91,6 +92,8 @@ class ConvChoice:
     probe_error: float | None = None
     pads: tuple[int, ...] = ()
     kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
 
     def to_note(self, name: str) -> dict:
         return {"name": name, "algo": self.algo, "reason": self.reason,
@@ -177,7 +180,21 @@ class WinogradOps:
         kernel = tuple(weight.shape[2:])
         pads = resolve_pads(x.spatial, kernel, strides, dilations, pads, auto_pad)
         name = node.name or node.outputs[0].name
-        if all(k == 1 for k in kernel) and not any(pads):
+        dw = None
+        if group > 1 and weight.shape[1] == 1:
+            r = len(kernel)
+            s_out = math.prod((n + pads[i] + pads[r + i] - dilations[i] * (k - 1) - 1)
+                              // strides[i] + 1 for i, (n, k) in enumerate(zip(x.spatial, kernel)))
+            dw = depthwise_slice_reason(x.channels, x.dtype.itemsize, weight.shape[0] // group,
+                                        strides, self.e.opset, s_out)
+        if dw is not None:
+            choice = ConvChoice("depthwise-slices", dw)
+        elif group > 1 and weight.shape[1] == 1 and cost.DEPTHWISE == "mul":
+            choice = ConvChoice("depthwise", f"depthwise, {x.channels} channels: Gather + Mul + "
+                                "ReduceSum (wide channel blocks or small maps)")
+        elif group > cost.DENSE_GROUPS:
+            choice = ConvChoice("grouped", f"group {group}: batched per-group MatMul")
+        elif all(k == 1 for k in kernel) and not any(pads):
             choice = ConvChoice("matmul" if all(s == 1 for s in strides) else "im2col",
                                 "1×1 conv: one MatMul on the (strided) rows")
         else:
@@ -186,7 +203,8 @@ class WinogradOps:
             choice = choose(getattr(self.model.options, "conv_algo", "auto"), weight,
                             out_shape, strides, dilations, group)
         self.model.note("conv_algos", choice.to_note(name))
-        return dataclasses.replace(choice, pads=tuple(pads), kernel=kernel)
+        return dataclasses.replace(choice, pads=tuple(pads), kernel=kernel,
+                                   strides=tuple(strides), dilations=tuple(dilations))
 
     def emit_winograd(self, x: CL, wg_: np.ndarray, b: gs.Constant | None, plan, out_t,
                       base: str, choice: ConvChoice) -> gs.Variable:

@@ -109,6 +109,7 @@ def test_chunked_convs_with_their_activation(monkeypatch, batch):
     """Tiny chunks: several Gather+MatMul (and depthwise) chunks, Relu/Clip run per chunk."""
     monkeypatch.setattr(im2col.cost, "CONV_CHUNK_BYTES", 512)
     monkeypatch.setattr(im2col.cost, "DW_CHUNK_BYTES", 512)
+    monkeypatch.setattr(im2col.cost, "DW_SLICE_MAX_BYTES", 0)  # the gathered depthwise form
     monkeypatch.setattr(im2col.cost, "MIN_CHUNK_ROWS", 7)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3],
                               pads=[1, 1, 1, 1]),

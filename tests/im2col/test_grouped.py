@@ -147,3 +147,59 @@ def test_shufflenet_unit(gm, stride2):
     inits.update(w1=rand(mid, c // groups, 1, 1), w2=rand(mid, 1, 3, 3),
                  w3=rand(c, mid // groups, 1, 1))
     check(make_model(nodes, [1, c, 6, 6], inits))
+
+
+@st.composite
+def depthwise_cases(draw):
+    rank = draw(st.integers(1, 3))
+    max_k, max_n = {1: (5, 13), 2: (3, 9), 3: (2, 5)}[rank]
+    kernel = [draw(st.integers(1, max_k)) for _ in range(rank)]
+    strides = [draw(st.integers(1, 3)) for _ in range(rank)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(rank)]
+    pads = [draw(st.integers(0, k - 1)) for k in kernel] + \
+        [draw(st.integers(0, k - 1)) for k in kernel]
+    spatial = []
+    for i, (k, d) in enumerate(zip(kernel, dilations)):
+        lo = max(1, (k - 1) * d + 1 - pads[i] - pads[rank + i])
+        spatial.append(draw(st.integers(lo, max(lo, max_n))))
+    c = draw(st.integers(2, 6))
+    bias = draw(st.booleans())
+    act = draw(st.sampled_from([None, "Relu", "Clip"]))
+    sliced = draw(st.booleans())
+    batch = draw(st.sampled_from([1, "N"]))
+    return rank, kernel, strides, dilations, pads, spatial, c, bias, act, sliced, batch
+
+
+@settings(HYP, max_examples=30)
+@given(depthwise_cases())
+def test_depthwise_slices_and_gather_match_onnxruntime(case):
+    """Depthwise convs as tap Slices + Mul + Add (thin channel blocks) and as Gather + Mul +
+    ReduceSum: random ranks, kernels, strides, dilations, asymmetric pads, odd sizes, with a
+    bias and a following Relu/Clip (ReLU6-like), static and dynamic batch."""
+    from onnx_lower.passes.im2col import cost
+
+    rank, kernel, strides, dilations, pads, spatial, c, bias, act, sliced, batch = case
+    inits = {"w": rand(c, 1, *kernel)}
+    inputs = ["x", "w"]
+    if bias:
+        inits["b"] = rand(c)
+        inputs.append("b")
+    nodes = [helper.make_node("Conv", inputs, ["c"], group=c, kernel_shape=kernel,
+                              strides=strides, dilations=dilations, pads=pads)]
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    elif act == "Clip":
+        inits.update(lo=np.array(0.0, np.float32), hi=np.array(0.6, np.float32))
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    saved = cost.DW_SLICE_MAX_BYTES, cost.DW_SLICE_MIN_ROWS
+    cost.DW_SLICE_MAX_BYTES, cost.DW_SLICE_MIN_ROWS = (1 << 30, 1) if sliced else (0, 1)
+    try:
+        lowered = check(make_model(nodes, [batch, c, *spatial], inits),
+                        batches=(1,) if batch == 1 else (1, 2))
+    finally:
+        cost.DW_SLICE_MAX_BYTES, cost.DW_SLICE_MIN_ROWS = saved
+    ops = ops_of(lowered)
+    assert (ops["ReduceSum"] == 0) == sliced, ops
+    assert ops["Gather"] == 0 or not sliced, ops

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -50,6 +50,35 @@ def test_max_pool_matches_onnxruntime(case):
     node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=kernel, strides=strides,
                             dilations=dilations, pads=pads, ceil_mode=int(ceil_mode))
     check(make_model([node], ["N", 3, *spatial]), batches=(2,))
+
+
+@settings(HYP, max_examples=25)
+@given(pool_cases(dilate=False), st.sampled_from(["first", "last", "gather"]),
+       st.sampled_from([1, "N"]), st.booleans())
+def test_max_pool_slices_and_gathers_match_onnxruntime(case, mode, batch, relu):
+    """Dilation-1 MaxPools as Slices of an edge-padded input (both axis orders) and as the
+    gathered plan, after a Relu or not, with odd sizes, asymmetric pads and ceil_mode."""
+    from onnx_lower.passes.im2col import cost
+
+    kernel, strides, _, pads, ceil_mode, spatial = case
+    r = len(kernel)
+    for i in range(r):
+        out = output_extent(spatial[i], kernel[i], strides[i], 1, pads[i], pads[r + i],
+                            ceil_mode)
+        assume(out >= 1 and (out - 1) * strides[i] - pads[i] < spatial[i])
+    nodes = [helper.make_node("MaxPool", ["r" if relu else "x"], ["y"], kernel_shape=kernel,
+                              strides=strides, pads=pads, ceil_mode=int(ceil_mode))]
+    if relu:
+        nodes.insert(0, helper.make_node("Relu", ["x"], ["r"]))
+    saved = cost.POOL_SLICES, cost.POOL_AXIS_ORDER
+    cost.POOL_SLICES, cost.POOL_AXIS_ORDER = mode != "gather", mode
+    try:
+        lowered = check(make_model(nodes, [batch, 3, *spatial]),
+                        batches=(1,) if batch == 1 else (1, 2))
+    finally:
+        cost.POOL_SLICES, cost.POOL_AXIS_ORDER = saved
+    if mode != "gather":
+        assert "Gather" not in {n.op_type for n in lowered.graph.node}
 
 
 @HYP
