@@ -27,6 +27,9 @@ Predicates read a node of the gs graph (shapes resolved by canonicalisation):
 ``axes as input``           Squeeze/Unsqueeze carry ``axes`` as input 1 (opset >= 13)
 ``shape without 0``         Reshape's constant target has no 0 ("copy") entry
 ``batch 1``                 the data input's dim 0 is 1 or symbolic (read as 1)
+``split per sample``        Split along axis 0 with the ``split`` attribute (opset < 13), or into
+                            one sample per output, each read only by a Reshape (the reader
+                            passes ``split=None`` and takes output ``n`` as ``x[n]``)
 ``one Relu stage``          every non-constant input was made after the same number of Relus
                             (a skip connection over a Relu cannot be cut into one chain)
 ==========================  ===================================================================
@@ -136,6 +139,17 @@ def _batch_one(node: gs.Node) -> bool:
     return shape is None or not shape or not isinstance(shape[0], int) or shape[0] in (1, -1)
 
 
+def _split_per_sample(node: gs.Node) -> bool:
+    if int(node.attrs.get("axis", 0)) != 0:
+        return False
+    if "split" in node.attrs:
+        return True
+    shape = node.inputs[0].shape
+    return (shape is not None and len(shape) > 0 and shape[0] == len(node.outputs)
+            and all(t.outputs and all(c.op == "Reshape" for c in t.outputs)
+                    for t in node.outputs))
+
+
 PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
     "batch 1": _batch_one,
     "2-D only": _rank4,
@@ -153,6 +167,7 @@ PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
     "axes as input": _axes_input,
     "shape without 0": _shape_without_zero,
     "one Relu stage": _one_relu_stage,
+    "split per sample": _split_per_sample,
 }
 
 
@@ -243,6 +258,8 @@ MARABOU = Profile(
         ("BatchNormalization", "batch 1 @ batchNorm (reshape(numChannels, -1) of the whole "
                                "tensor: a batch > 1 mixes samples)"),
         ("Concat", "@ concatEquations"),
+        ("Split", "split per sample @ splitEquations (Split_18.eval(x, split=<attribute>, "
+                  "axis): a split input or num_outputs is not read)"),
         ("MaxPool", "2-D only; batch 1; explicit pads; pads all zero; dilations all 1; "
                     "no ceil_mode "
                     "@ maxpoolEquations (reads kernel_shape/strides only: pads, dilations, "
