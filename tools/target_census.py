@@ -7,7 +7,8 @@ tightening only; or, with ``--evaluator propagate``, :func:`propagate` of the pa
 a seeded standard-normal input (the model's static batch, else 1; nonzero borders, so padding
 matters), compared with onnxruntime on the *original*. (``evaluateWithoutMarabou`` runs
 onnxruntime on the file, not the parsed query: it cannot see a misread.) The scaled error is
-``max |marabou − ort| / max |ort|``. ReLU and max constraints are counted from the parsed query.
+``max |marabou − ort| / max |ort|``. ReLU, max and sigmoid (Tanh is written as a sigmoid)
+constraints are counted from the parsed query; the memory shown is the peak after the read.
 The mlp variant is written with ``--max-weight-mb 300``; a model over that is skipped (said so).
 
     python tools/target_census.py [--corpus ../shared/corpus] [--out census.json] [--timeout 900]
@@ -171,6 +172,7 @@ def child(model: str, original: str, evaluator: str = "solver") -> dict:
         "error": err,
         "relus": len(net.reluList),
         "maxes": len(net.maxList),
+        "sigmoids": len(getattr(net, "sigmoidList", [])),
         "equations": len(net.equList),
     }
 
@@ -210,7 +212,8 @@ def _cell(r: dict) -> str:
     how = ", propagated" if r.get("evaluator") == "propagate" else ""
     mb = r.get("read_peak_mb", r["peak_mb"])
     return (f"read {r['read_s']} s, {mb} MB; err {r['error']:.1e} ({verdict}{how}); "
-            f"{r['relus']} ReLU / {r['maxes']} max")
+            f"{r['relus']} ReLU / {r['maxes']} max"
+            + (f" / {r['sigmoids']} sigmoid" if r.get("sigmoids") else ""))
 
 
 def main() -> None:
