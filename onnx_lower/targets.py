@@ -27,6 +27,7 @@ Predicates read a node of the gs graph (shapes resolved by canonicalisation):
 ``axes as input``           Squeeze/Unsqueeze carry ``axes`` as input 1 (opset >= 13)
 ``shape without 0``         Reshape's constant target has no 0 ("copy") entry
 ``batch 1``                 the data input's dim 0 is 1 or symbolic (read as 1)
+``epsilon explicit``        the ``epsilon`` attribute is present (the reader has no default)
 ``pads counted``            ``pads`` all 0 or ``count_include_pad`` = 1 (a reader that always
                             divides by the whole kernel)
 ``split per sample``        Split along axis 0 with the ``split`` attribute (opset < 13), or into
@@ -170,6 +171,7 @@ PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
     "shape without 0": _shape_without_zero,
     "one Relu stage": _one_relu_stage,
     "split per sample": _split_per_sample,
+    "epsilon explicit": lambda n: "epsilon" in n.attrs,
     "pads counted": lambda n: _pads_zero(n) or int(n.attrs.get("count_include_pad", 0)) == 1,
 }
 
@@ -258,8 +260,9 @@ MARABOU = Profile(
         ("Transpose", "@ transpose"),
         ("Unsqueeze", "axes as input @ unsqueeze (reads constantMap[node.input[1]])"),
         ("Squeeze", "axes as input @ squeeze (inputName, axisName = node.input)"),
-        ("BatchNormalization", "batch 1 @ batchNorm (reshape(numChannels, -1) of the whole "
-                               "tensor: a batch > 1 mixes samples)"),
+        ("BatchNormalization", "batch 1; epsilon explicit @ batchNorm (reshape(numChannels, -1) "
+                               "of the whole tensor: a batch > 1 mixes samples; epsilon = None "
+                               "unless given)"),
         ("Concat", "@ concatEquations"),
         ("Split", "split per sample @ splitEquations (Split_18.eval(x, split=<attribute>, "
                   "axis): a split input or num_outputs is not read)"),

@@ -211,11 +211,14 @@ def test_maxpool_as_relu_layers_for_nnenum(c, n, k, stride, pads, ceil, relu, se
 
 
 def _batch_chain(n, opset, seed):
-    """Conv → Tanh → MaxPool → Conv on a static batch of ``n`` (each node reads sample 0 only
-    in maraboupy), then Flatten → Gemm, which read the batch as rows."""
+    """BatchNormalization → Conv → Tanh → MaxPool → Conv on a static batch of ``n`` (each node
+    reads sample 0 only, or mixes samples, in maraboupy), then Flatten → Gemm, which read the
+    batch as rows."""
     rng = _rng(seed)
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["x", "g", "beta", "mu", "var"], ["xb"],
+                         epsilon=1e-3),
+        helper.make_node("Conv", ["xb", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
         helper.make_node("Tanh", ["c1"], ["t"]),
         helper.make_node("MaxPool", ["t"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["p", "w2"], ["c2"], kernel_shape=[2, 2]),
@@ -223,7 +226,8 @@ def _batch_chain(n, opset, seed):
         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1),
     ]
     inits = {"w1": _w(rng, 3, 2, 3, 3), "b1": _w(rng, 3), "w2": _w(rng, 2, 3, 2, 2),
-             "w3": _w(rng, 4, 18), "b3": _w(rng, 4)}
+             "w3": _w(rng, 4, 18), "b3": _w(rng, 4), "g": _w(rng, 2), "beta": _w(rng, 2),
+             "mu": _w(rng, 2), "var": (np.abs(_w(rng, 2)) + 0.5).astype(np.float32)}
     return chain([n, 2, 8, 8], nodes, inits, opset=opset), _w(rng, n, 2, 8, 8)
 
 
@@ -235,6 +239,7 @@ def test_a_static_batch_is_split_per_sample_for_marabou(n, opset, seed):
     ops = [node.op_type for node in lowered.graph.node]
     assert ops.count("Split") == 1 and ops.count("Concat") == 1  # split once, joined once
     assert ops.count("Conv") == 2 * n and ops.count("MaxPool") == n
+    assert ops.count("BatchNormalization") == n
     before = sum(t.ByteSize() for t in model.graph.initializer)
     after = sum(t.ByteSize() for t in lowered.graph.initializer)
     assert after <= before + 200  # the clones share the weights; only the split's constants
@@ -249,6 +254,26 @@ def _propagate():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.propagate
+
+
+def test_batchnorm_without_epsilon_gets_the_spec_default_for_marabou(tmp_path):
+    """maraboupy's batchNorm reads ``epsilon`` as None when the attribute is absent."""
+    marabou = pytest.importorskip("maraboupy.Marabou")
+    rng = _rng(4)
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "beta", "mu", "var"], ["y"])]
+    inits = {"g": _w(rng, 3), "beta": _w(rng, 3), "mu": _w(rng, 3),
+             "var": (np.abs(_w(rng, 3)) + 0.01).astype(np.float32)}
+    model = chain([1, 3, 4, 4], nodes, inits)
+    onnx.save(model, tmp_path / "orig.onnx")
+    with pytest.raises(TypeError):
+        marabou.read_onnx(str(tmp_path / "orig.onnx"))
+    x = _w(rng, 1, 3, 4, 4)
+    lowered, report = check_target(model, "marabou", x)
+    assert "epsilon" in report.target["rewritten"][0]["became"]
+    onnx.save(lowered, tmp_path / "target.onnx")
+    want = run_model(model, {"x": x})[0]
+    got = _marabou_eval(tmp_path / "target.onnx", x).reshape(want.shape)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("opset", [11, 13, 18])

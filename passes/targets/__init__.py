@@ -20,7 +20,8 @@ pools          AveragePool / GlobalAveragePool as Conv with fixed weights
 batch          a static batch > 1 split into per-sample nodes (readers of sample 0 only)
 conv           1-D Conv as 2-D; grouped Conv ungrouped; dilated kernel zero-filled
 elementwise    Div/Sub by constants as Mul/Add; per-channel Mul as BatchNormalization;
-               Squeeze/Unsqueeze as Reshape; BatchNormalization folded or per-channel Mul + Add
+               Squeeze/Unsqueeze as Reshape; BatchNormalization's epsilon written out, or it
+               folded or per-channel Mul + Add
 =============  ===============================================================================
 """
 
@@ -50,7 +51,8 @@ REWRITES: dict[str, tuple[Rewrite, ...]] = {
     "Squeeze": (elementwise.shape_as_reshape,),
     "Unsqueeze": (elementwise.shape_as_reshape,),
     "Reshape": (elementwise.shape_as_reshape,),
-    "BatchNormalization": (elementwise.batchnorm_as_affine, batch.split_batch),
+    "BatchNormalization": (elementwise.batchnorm_epsilon, batch.split_batch,
+                           elementwise.batchnorm_as_affine),
 }
 MAX_ROUNDS = 10
 

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lower import graph as g
+from onnx_lower.targets import PREDICATES
 
 from .common import Context, constant, replace, variable
 
@@ -49,7 +50,7 @@ def _one(shape) -> list[int]:
     return [1, *[int(d) for d in shape[1:]]]
 
 
-def _parts_of(x: gs.Tensor, n: int, graph: gs.Graph, ctx: Context, made: list[gs.Node],
+def _parts_of(x: gs.Tensor, n: int, ctx: Context, made: list[gs.Node],
               depth: int = 0) -> list[gs.Tensor] | None:
     """``x`` as ``n`` single-sample tensors already in the graph (or built from them), else None."""
     node = g.producer(x)
@@ -59,7 +60,7 @@ def _parts_of(x: gs.Tensor, n: int, graph: gs.Graph, ctx: Context, made: list[gs
             and len(node.inputs) == n and all(_static_batch(t) == 1 for t in node.inputs):
         return list(node.inputs)
     if node.op in SAMPLEWISE_UNARY and len(node.outputs) == 1:
-        inner = _parts_of(node.inputs[0], n, graph, ctx, made, depth + 1)
+        inner = _parts_of(node.inputs[0], n, ctx, made, depth + 1)
         if inner is None:
             return None
         outs = []
@@ -97,8 +98,9 @@ def _split(x: gs.Tensor, n: int, ctx: Context, made: list[gs.Node]) -> list[gs.T
 
 
 def split_batch(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
-    from onnx_lower.targets import PREDICATES
-
+    rule = ctx.profile.rule(node.op)
+    if rule is None or "batch 1" not in rule.requires:
+        return None  # the batch is not what the reader gets wrong
     x, y = node.inputs[0], node.outputs[0]
     n = _static_batch(x)
     if n is None or n <= 1 or PREDICATES["batch 1"](node) or _static_batch(y) != n:
@@ -113,7 +115,7 @@ def split_batch(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
     if before is not None and ctx.profile.check(before) is not None:
         return None  # its producer is rewritten first; its samples are then reused
     made: list[gs.Node] = []
-    parts = _parts_of(x, n, graph, ctx, made)
+    parts = _parts_of(x, n, ctx, made)
     reused = parts is not None
     if parts is None:
         made = []
