@@ -109,11 +109,13 @@ def split_batch(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
         return None  # a second output (MaxPool indices, BatchNorm statistics) is read
     if any(g.const_value(t) is None for t in node.inputs[1:] if t.name):
         return None  # only the data input is per sample
-    while len(node.outputs) > 1:  # unread
-        node.outputs.pop()
     before = g.producer(x)
     if before is not None and ctx.profile.check(before) is not None:
         return None  # its producer is rewritten first; its samples are then reused
+    if not ctx.accepts_op("Split") and _parts_of(x, n, ctx, []) is None:
+        return None
+    while len(node.outputs) > 1:  # unread
+        node.outputs.pop()
     made: list[gs.Node] = []
     parts = _parts_of(x, n, ctx, made)
     reused = parts is not None
