@@ -4,8 +4,14 @@
   inside the profile, by the checker driven by the same tables (:func:`violations`), and equals
   onnxruntime on the original.
 * Marabou itself (maraboupy, the test extra): a padded MaxPool it mis-evaluates in the original
-  and evaluates right after ``--target marabou``; corpus models it reads and evaluates right
+  and evaluates right after ``--target marabou``; a static batch it reads for sample 0 only
+  in the original and for every sample once split; corpus models it reads and evaluates right
   (a few small ones by default, every model marked slow), with sizes near the original's.
+  "Evaluates" is Marabou's parsed query with the input fixed, by its solver where that fits in
+  memory and always by ``propagate`` (tools/target_census.py: the equations and constraints
+  evaluated by propagation), which also shows a misread as an output no equation reaches.
+* Attributes a reader ignores (read at source: ERAN's onnx_translator.py, auto_LiRPA's
+  pooling.py) are rewritten away.
 """
 
 from __future__ import annotations
