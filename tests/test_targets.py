@@ -252,6 +252,32 @@ def test_a_static_batch_is_split_per_sample_for_marabou(n, opset, seed):
     assert after <= before + 200  # the clones share the weights; only the split's constants
 
 
+def _maxpool_with_indices(batch: int, pads: list[int]) -> onnx.ModelProto:
+    out = [batch, 1, 3 + pads[0] + pads[2], 3 + pads[1] + pads[3]]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["y", "i"], kernel_shape=[2, 2], pads=pads,
+                              name="pool")]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out),
+         helper.make_tensor_value_info("i", TensorProto.INT64, out)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("target", "batch", "pads", "rule"), [
+    ("marabou", 2, [0, 0, 0, 0], "batch 1.*make_dynamic_shape_fixed"),  # no per-sample split
+    ("marabou", 1, [1, 1, 1, 1], "pads all zero"),  # no zero-padded rewrite
+    ("nnenum", 1, [1, 1, 1, 1], "not read"),  # no Relu tournament
+])
+def test_a_maxpool_whose_indices_are_an_output_is_refused_not_cut(target, batch, pads, rule):
+    """The rewrites rebuild the pooled values only: with the Indices a graph output, each
+    declines (they would lose it) and the node is refused by name with its rule."""
+    with pytest.raises(TargetUnsupportedError, match=f"'pool' .*{rule}"):
+        lower(_maxpool_with_indices(batch, pads), target=target)
+
+
 def _propagate():
     """``propagate`` of tools/target_census.py: the parsed query evaluated by propagation."""
     import importlib.util

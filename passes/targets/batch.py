@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.targets import PREDICATES
 
-from .common import Context, constant, replace, variable
+from .common import Context, constant, extra_outputs_read, replace, variable
 
 __all__ = ["split_batch", "SAMPLEWISE_UNARY"]
 
@@ -105,7 +105,7 @@ def split_batch(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
     n = _static_batch(x)
     if n is None or n <= 1 or PREDICATES["batch 1"](node) or _static_batch(y) != n:
         return None
-    if any(t.outputs for t in node.outputs[1:]) or not ctx.accepts_op("Concat"):
+    if extra_outputs_read(node, graph) or not ctx.accepts_op("Concat"):
         return None  # a second output (MaxPool indices, BatchNorm statistics) is read
     if any(g.const_value(t) is None for t in node.inputs[1:] if t.name):
         return None  # only the data input is per sample
