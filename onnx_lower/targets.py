@@ -27,6 +27,12 @@ Predicates read a node of the gs graph (shapes resolved by canonicalisation):
 ``axes as input``           Squeeze/Unsqueeze carry ``axes`` as input 1 (opset >= 13)
 ``shape without 0``         Reshape's constant target has no 0 ("copy") entry
 ``batch 1``                 the data input's dim 0 is 1 or symbolic (read as 1)
+``epsilon explicit``        the ``epsilon`` attribute is present (the reader has no default)
+``pads counted``            ``pads`` all 0 or ``count_include_pad`` = 1 (a reader that always
+                            divides by the whole kernel)
+``split per sample``        Split along axis 0 with the ``split`` attribute (opset < 13), or into
+                            one sample per output, each read only by a Reshape (the reader
+                            passes ``split=None`` and takes output ``n`` as ``x[n]``)
 ``one Relu stage``          every non-constant input was made after the same number of Relus
                             (a skip connection over a Relu cannot be cut into one chain)
 ==========================  ===================================================================
@@ -136,6 +142,17 @@ def _batch_one(node: gs.Node) -> bool:
     return shape is None or not shape or not isinstance(shape[0], int) or shape[0] in (1, -1)
 
 
+def _split_per_sample(node: gs.Node) -> bool:
+    if int(node.attrs.get("axis", 0)) != 0:
+        return False
+    if "split" in node.attrs:
+        return True
+    shape = node.inputs[0].shape
+    return (shape is not None and len(shape) > 0 and shape[0] == len(node.outputs)
+            and all(t.outputs and all(c.op == "Reshape" for c in t.outputs)
+                    for t in node.outputs))
+
+
 PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
     "batch 1": _batch_one,
     "2-D only": _rank4,
@@ -153,6 +170,9 @@ PREDICATES: dict[str, Callable[[gs.Node], bool]] = {
     "axes as input": _axes_input,
     "shape without 0": _shape_without_zero,
     "one Relu stage": _one_relu_stage,
+    "split per sample": _split_per_sample,
+    "epsilon explicit": lambda n: "epsilon" in n.attrs,
+    "pads counted": lambda n: _pads_zero(n) or int(n.attrs.get("count_include_pad", 0)) == 1,
 }
 
 
@@ -214,8 +234,8 @@ _MARABOU = "maraboupy 2.0.0 maraboupy/parsers/ONNXParser.py"
 _NNENUM = (
     "stanleybak/nnenum src/nnenum/settings.py ONNX_WHITELIST, onnx_network.py load_onnx_network"
 )
-_ERAN = "eth-sri/eran tf_verify/onnx_translator.py (research/verifiers.md)"
-_CROWN = "Verified-Intelligence/auto_LiRPA auto_LiRPA/operators/pooling.py (research/verifiers.md)"
+_ERAN = "eth-sri/eran tf_verify/onnx_translator.py"
+_CROWN = "Verified-Intelligence/auto_LiRPA auto_LiRPA/operators"
 
 
 def _rules(source: str, table: Iterable[tuple[str, str]]) -> tuple[Rule, ...]:
@@ -240,9 +260,12 @@ MARABOU = Profile(
         ("Transpose", "@ transpose"),
         ("Unsqueeze", "axes as input @ unsqueeze (reads constantMap[node.input[1]])"),
         ("Squeeze", "axes as input @ squeeze (inputName, axisName = node.input)"),
-        ("BatchNormalization", "batch 1 @ batchNorm (reshape(numChannels, -1) of the whole "
-                               "tensor: a batch > 1 mixes samples)"),
+        ("BatchNormalization", "batch 1; epsilon explicit @ batchNorm (reshape(numChannels, -1) "
+                               "of the whole tensor: a batch > 1 mixes samples; epsilon = None "
+                               "unless given)"),
         ("Concat", "@ concatEquations"),
+        ("Split", "split per sample @ splitEquations (Split_18.eval(x, split=<attribute>, "
+                  "axis): a split input or num_outputs is not read)"),
         ("MaxPool", "2-D only; batch 1; explicit pads; pads all zero; dilations all 1; "
                     "no ceil_mode "
                     "@ maxpoolEquations (reads kernel_shape/strides only: pads, dilations, "
@@ -280,16 +303,21 @@ ERAN = Profile(
     "eran",
     "ERAN's ONNX translator",
     _rules(_ERAN, [
-        ("Conv", "2-D only; weights constant @ Conv"),
-        ("Gemm", "second input constant @ Gemm"), ("MatMul", "@ MatMul"),
-        ("Add", "@ Add"), ("Sub", "@ Sub"), ("Mul", "@ Mul"),
-        ("Relu", "@ Relu"), ("Sigmoid", "@ Sigmoid"), ("Tanh", "@ Tanh"),
-        ("MaxPool", "2-D only; pads symmetric; no ceil_mode @ MaxPool"),
-        ("AveragePool", "2-D only; pads symmetric; no ceil_mode @ AveragePool"),
-        ("Flatten", "@ Flatten"), ("Reshape", "@ Reshape"), ("Transpose", "@ Transpose"),
-        ("Constant", "@ Constant"),
-    ]),  # BatchNormalization and Concat are silently ignored (eran#114): not rules
-    has_groups=True,
+        ("Conv", "2-D only; weights constant; explicit pads; group == 1; dilations all 1 "
+                 "@ conv_resources (reads strides, pads, kernel_shape only)"),
+        ("Gemm", "second input constant @ gemm_resources"), ("MatMul", "@ matmul_resources"),
+        ("Add", "@ translate"), ("Sub", "@ sub_resources"), ("Mul", "@ add_resources"),
+        ("Relu", "@ nonlinearity_resources"), ("Sigmoid", "@ nonlinearity_resources"),
+        ("Tanh", "@ nonlinearity_resources"),
+        ("MaxPool", "2-D only; explicit pads; pads symmetric; dilations all 1; no ceil_mode "
+                    "@ pool_resources (asserts symmetric pads; dilations, auto_pad, ceil_mode "
+                    "unused)"),
+        ("AveragePool", "2-D only; explicit pads; pads all zero; dilations all 1; no ceil_mode "
+                        "@ pool_resources (as MaxPool; count_include_pad not read)"),
+        ("Flatten", "@ translate (ignored; reshape_adjust reorders the next Gemm/MatMul)"),
+        ("Reshape", "@ translate"), ("Constant", "@ translate"),
+    ]),  # BatchNormalization and Concat are in operations_to_be_ignored: dropped, not rules;
+    # Transpose is not handled ("Operations of type Transpose are not yet supported")
 )  # fmt: skip
 
 CROWN = Profile(
@@ -301,9 +329,12 @@ CROWN = Profile(
         ("Mul", "@ BoundMul"), ("Div", "second input constant @ BoundDiv"),
         ("Relu", "@ BoundRelu"), ("Sigmoid", "@ BoundSigmoid"), ("Tanh", "@ BoundTanh"),
         ("BatchNormalization", "@ BoundBatchNormalization"),
-        ("MaxPool", "2-D only; pads symmetric; stride == kernel; no ceil_mode "
-                    "@ BoundMaxPool (bounds fail unless stride == kernel, auto_LiRPA#76)"),
-        ("AveragePool", "2-D only; pads symmetric; no ceil_mode @ BoundAveragePool"),
+        ("MaxPool", "2-D only; pads symmetric; stride == kernel; no ceil_mode; dilations all 1 "
+                    "@ pooling.py BoundMaxPool (asserts symmetric pads; ceil_mode set False; "
+                    "dilations not read; bound_backward raises unless stride == kernel)"),
+        ("AveragePool", "2-D only; pads symmetric; pads counted; no ceil_mode; dilations all 1 "
+                        "@ pooling.py BoundAveragePool (asserts symmetric pads; ceil_mode "
+                        "False and count_include_pad True are set, dilations not read)"),
         ("GlobalAveragePool", "@ BoundGlobalAveragePool"),
         ("Pad", "@ BoundPad"), ("Concat", "@ BoundConcat"), ("Flatten", "@ BoundFlatten"),
         ("Reshape", "@ BoundReshape"), ("Transpose", "@ BoundTranspose"),

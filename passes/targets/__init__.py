@@ -17,9 +17,11 @@ pads           Pad folded into the next Conv / AveragePool, else an identity 1×
                zero-padded input
 maxpool        MaxPool as depthwise Conv + Relu tournament levels (readers without MaxPool)
 pools          AveragePool / GlobalAveragePool as Conv with fixed weights
+batch          a static batch > 1 split into per-sample nodes (readers of sample 0 only)
 conv           1-D Conv as 2-D; grouped Conv ungrouped; dilated kernel zero-filled
 elementwise    Div/Sub by constants as Mul/Add; per-channel Mul as BatchNormalization;
-               Squeeze/Unsqueeze as Reshape; BatchNormalization folded or per-channel Mul + Add
+               Squeeze/Unsqueeze as Reshape; BatchNormalization's epsilon written out, or it
+               folded or per-channel Mul + Add
 =============  ===============================================================================
 """
 
@@ -32,24 +34,25 @@ from onnx_lower.errors import TargetUnsupportedError
 from onnx_lower.pass_manager import LoweringModel, Pass, PassResult, register_pass
 from onnx_lower.targets import PROFILES, get_profile, violations
 
-from . import conv, elementwise, maxpool, pads, pools
+from . import batch, conv, elementwise, maxpool, pads, pools
 from .common import Context, Rewrite
 
 __all__ = ["REWRITES", "TargetRewritePass", "rewrite_for"]
 
 REWRITES: dict[str, tuple[Rewrite, ...]] = {
     "Pad": (pads.fold_pad, pads.pad_as_conv),
-    "MaxPool": (pads.maxpool_zero_pad, maxpool.maxpool_as_relu_layers),
+    "MaxPool": (pads.maxpool_zero_pad, maxpool.maxpool_as_relu_layers, batch.split_batch),
     "AveragePool": (pools.avgpool_as_conv,),
     "GlobalAveragePool": (pools.avgpool_as_conv,),
-    "Conv": (conv.conv_as_2d, conv.conv_ungroup, conv.conv_undilate),
+    "Conv": (conv.conv_as_2d, conv.conv_ungroup, conv.conv_undilate, batch.split_batch),
     "Div": (elementwise.div_as_mul,),
     "Sub": (elementwise.sub_as_add,),
     "Mul": (elementwise.mul_as_batchnorm,),
     "Squeeze": (elementwise.shape_as_reshape,),
     "Unsqueeze": (elementwise.shape_as_reshape,),
     "Reshape": (elementwise.shape_as_reshape,),
-    "BatchNormalization": (elementwise.batchnorm_as_affine,),
+    "BatchNormalization": (elementwise.batchnorm_epsilon, batch.split_batch,
+                           elementwise.batchnorm_as_affine),
 }
 MAX_ROUNDS = 10
 

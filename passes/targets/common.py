@@ -28,6 +28,7 @@ __all__ = [
     "identity_conv",
     "static_spatial",
     "ints",
+    "extra_outputs_read",
 ]
 
 
@@ -97,6 +98,12 @@ def nonnegative(t: gs.Tensor, depth: int = 0) -> bool:
         data = [x for x in node.inputs if g.const_value(x) is None]
         return bool(data) and all(nonnegative(x, depth + 1) for x in data)
     return False
+
+
+def extra_outputs_read(node: gs.Node, graph: gs.Graph) -> bool:
+    """An output after the first (MaxPool Indices, BatchNorm statistics) is read by a node or
+    is a graph output, so a rewrite of the first output alone would lose it."""
+    return any(t.outputs or g.is_graph_output(graph, t) for t in node.outputs[1:])
 
 
 def identity_conv(ctx: Context, x: gs.Tensor, pads: list[int], out: gs.Tensor) -> gs.Node:

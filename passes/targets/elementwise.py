@@ -9,6 +9,8 @@
                         + B``); ``Mul(c, x)`` is first turned round
 ``shape_as_reshape``    Squeeze / Unsqueeze / a Reshape with 0 ("copy") entries = a Reshape to
                         the inferred output shape (a dynamic batch as −1)
+``batchnorm_epsilon``   ``BatchNormalization`` with its ``epsilon`` written out (the spec default
+                        1e-5 where absent; maraboupy's ``batchNorm`` adds ``None`` otherwise)
 ``batchnorm_as_affine`` ``BatchNormalization`` (inference) folded into the Conv / Gemm before
                         it when that is its only reader (``W' = s·W``, ``b' = s·b + t``), else
                         ``Mul(x, s) + Add(·, t)`` per channel, with ``s = scale/sqrt(var + eps)``,
@@ -29,8 +31,12 @@ __all__ = [
     "sub_as_add",
     "mul_as_batchnorm",
     "shape_as_reshape",
+    "batchnorm_epsilon",
     "batchnorm_as_affine",
 ]
+
+#: https://onnx.ai/onnx/operators/onnx__BatchNormalization.html: epsilon defaults to 1e-5
+BN_EPSILON = 1e-5
 
 
 def _const_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
@@ -116,13 +122,21 @@ def shape_as_reshape(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None
     return f"Reshape to {target}"
 
 
+def batchnorm_epsilon(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
+    rule = ctx.profile.rule(node.op)
+    if "epsilon" in node.attrs or rule is None or "epsilon explicit" not in rule.requires:
+        return None
+    node.attrs["epsilon"] = BN_EPSILON
+    return f"the same node with epsilon = {BN_EPSILON} (the spec default) written out"
+
+
 def batchnorm_as_affine(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
     x, y = node.inputs[0], node.outputs[0]
     params = [g.const_value(t) for t in node.inputs[1:5]]
     if any(p is None for p in params) or x.shape is None or len(x.shape) < 2:
         return None
     scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-    s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+    s = scale / np.sqrt(var + float(node.attrs.get("epsilon", BN_EPSILON)))
     t = bias - mean * s
     dtype = np.dtype(x.dtype)
     prev = g.producer(x)

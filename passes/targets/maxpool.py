@@ -31,6 +31,7 @@ from onnx_lower.windows import output_extent
 from .common import (
     Context,
     constant,
+    extra_outputs_read,
     nonnegative,
     pool_window,
     replace,
@@ -63,8 +64,7 @@ def maxpool_as_relu_layers(node: gs.Node, graph: gs.Graph, ctx: Context) -> str 
     usable = ctx.accepts_op("Conv", group=True) and ctx.accepts_op("Relu")
     if spatial is None or not usable or ctx.profile.rule("MaxPool") is not None:
         return None
-    if g.attr(node, "auto_pad", "NOTSET") != "NOTSET" or (len(node.outputs) > 1
-                                                           and node.outputs[1].outputs):
+    if g.attr(node, "auto_pad", "NOTSET") != "NOTSET" or extra_outputs_read(node, graph):
         return None
     rank = len(spatial)
     kernel, strides, dilations, pads, ceil = pool_window(node)

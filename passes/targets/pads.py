@@ -28,6 +28,7 @@ from onnx_lower.windows import output_extent
 
 from .common import (
     Context,
+    extra_outputs_read,
     identity_conv,
     ints,
     nonnegative,
@@ -114,7 +115,7 @@ def maxpool_zero_pad(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None
     explicit = g.attr(node, "auto_pad", "NOTSET") == "NOTSET"
     if spatial is None or not ctx.accepts_op("Conv") or not explicit:
         return None
-    if len(node.outputs) > 1 and node.outputs[1].outputs:
+    if extra_outputs_read(node, graph):
         return None  # the Indices output is read
     rank = len(spatial)
     kernel, strides, dilations, pads, ceil = pool_window(node)
