@@ -158,7 +158,7 @@ def _apply(kind: str, b: np.ndarray, slope: np.ndarray | None = None) -> np.ndar
 def evaluate_equations(net, x: np.ndarray, *, assignment: bool = False) -> np.ndarray:
     """The outputs of Marabou's parsed equation system with the input fixed to ``x``, in float64,
     no solver (the module docstring states the math). ``assignment=True`` returns all
-    ``net.numVars`` values instead of the outputs.
+    ``net.numVars`` values instead of the outputs (0 where a variable stays undetermined).
 
     Raises :class:`MarabouEquationError` when a variable the outputs need stays undetermined,
     when a constraint family it cannot evaluate (Softmax) is present, or when the solution
