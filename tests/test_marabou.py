@@ -84,9 +84,9 @@ def _written(name: str, tmp: Path) -> tuple[Path, Path]:
     return onnx_path, nnet_path
 
 
-#: Marabou's ONNX and NNet readers hold 40-47× the layered weights, about the same each
-#: (``tools/marabou_census.py``: mnist-8 191 MB → 8.4 / 8.6 GB, cifar_net 217 MB → 9.6 /
-#: 9.8 GB, HAR-CNN 142 MB → 5.3 GB). Up to this cap a reading fits a 12 GB budget.
+#: Marabou's ONNX and NNet readers, with evaluate_equations, hold 44-48× the layered weights,
+#: about the same each (``tools/marabou_census.py``: mnist-8 191 MB → 8.4 / 8.6 GB, cifar_net
+#: 217 MB → 9.6 / 9.8 GB, HAR-CNN 142 MB → 6.3 / 6.5 GB). Up to this cap a reading fits 12 GB.
 MARABOU_MAX_WEIGHT_MB = 250
 #: Measured over the cap (``python tools/marabou_census.py --models <model>``, each reader in a
 #: child capped at 12 GB of address space).
