@@ -14,7 +14,11 @@ child's ``VmHWM`` (``/proc/self/status``), not ``getrusage(RUSAGE_SELF).ru_maxrs
 keeps ``ru_maxrss`` across fork and exec, so a child of this process (which holds the lowered
 weights) would report the parent's peak; ``RUSAGE_CHILDREN`` is a running maximum over all
 children. ``ru_maxrss`` is the fallback where ``/proc`` is absent. A read over ``--timeout``
-seconds is killed and shown as such.
+seconds is killed and shown as such; each child runs under an address-space cap
+(``--max-as-gb``, 12 GB), and a read that hits it is shown as out of memory at the cap. After
+the read the child evaluates the parsed equations at a seeded input
+(:func:`onnx_lower.marabou.evaluate_equations`, no solver): its time is the ``eval`` and the
+peak includes it.
 
 For the property models (``PROPERTIES``: model, ε), a local-robustness query (L∞ box of
 radius ε around a seeded input in [0, 1], "the argmax does not change",
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import subprocess
 import sys
@@ -62,6 +67,14 @@ path, query = sys.argv[2], json.loads(sys.argv[3])
 start = time.perf_counter()
 net = mb.read(path)
 out = {"read_s": time.perf_counter() - start}
+if not query:  # the parsed equations, evaluated without the solver at a seeded input
+    x = np.random.default_rng(0).uniform(0, 1, np.asarray(net.inputVars[0]).size)
+    start = time.perf_counter()
+    try:
+        mb.evaluate_equations(net, x)
+        out["eval_s"] = time.perf_counter() - start
+    except mb.LoweringError as exc:
+        out["eval_error"] = str(exc)[:80]
 if query:
     lo, hi = np.load(query["box"])
     r = mb.robustness(net, lo, hi, query["label"], timeout=query["timeout"],
@@ -77,15 +90,27 @@ print(json.dumps(out))
 """
 
 
+#: Address-space cap of each Marabou child (``--max-as-gb``), so that a read too big for the
+#: machine fails in its child instead of taking the machine down.
+MAX_AS_BYTES = 12 * 10**9
+
+
+def _cap() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MAX_AS_BYTES, MAX_AS_BYTES))
+
+
 def _child(path: Path, query: dict | None, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-c", _CHILD, str(REPO_ROOT), str(path), json.dumps(query or {})]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_cap)
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout:g} s"}
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode or not lines:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        if "MemoryError" in done.stderr or "bad_alloc" in done.stderr or done.returncode < 0:
+            tail = f"out of memory at the {MAX_AS_BYTES / 1e9:g} GB cap ({tail[:40]})"
         return {"error": tail[:80]}
     return json.loads(lines[-1])
 
@@ -144,7 +169,8 @@ def _read(cell: dict | None) -> str:
         return "-"
     if "error" in cell:
         return cell["error"]
-    return f"{cell['read_s']:.2f} s, {cell['peak_rss'] / 2**20:.0f} MB"
+    ev = f" + eval {cell['eval_s']:.1f} s" if "eval_s" in cell else ""
+    return f"{cell['read_s']:.2f} s{ev}, {cell['peak_rss'] / 2**20:.0f} MB"
 
 
 def _verdict(cell: dict | None) -> str:
@@ -182,12 +208,16 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MAX_AS_BYTES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", type=Path, help="models (default: the corpus)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per Marabou child")
     ap.add_argument("--solve-timeout", type=float, default=300, help="seconds per property")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--max-as-gb", type=float, default=MAX_AS_BYTES / 1e9,
+                    help="address-space cap of each Marabou child, GB (default 12)")
     args = ap.parse_args(argv)
+    MAX_AS_BYTES = int(args.max_as_gb * 1e9)
     models = args.models or sorted(CORPUS.glob("*.onnx"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="marabou_census_") as tmp:
