@@ -19,7 +19,8 @@ onnxruntime, so it checks nothing of Marabou's):
   coefficient dropped); the piecewise constraints are ``f = max(b, 0)`` (``reluList``),
   ``f = b`` or ``slope·b`` (``leakyReluList``), ``f = max S`` (``maxList``), ``f = |b|``
   (``absList``), ``f = ±1`` by the sign of ``b`` (``signList``), ``f = 1 / (1 + e^{−b})``
-  (``sigmoidList``) and ``z = x·y`` (``bilinearList``). From ``v_in = x``, each wave solves every
+  (``sigmoidList``), ``z = x·y`` (``bilinearList``) and ``o = softmax(i)`` per group
+  (``softmaxList``). From ``v_in = x``, each wave solves every
   equation with exactly one unknown variable ``u``, ``v_u = (s − Σ_known c v) / c_u``, and fires
   every piecewise constraint whose inputs are known; waves repeat until nothing changes (a
   topological order of the variables, found a layer at a time and vectorised within it). Then
@@ -161,11 +162,8 @@ def evaluate_equations(net, x: np.ndarray, *, assignment: bool = False) -> np.nd
     ``net.numVars`` values instead of the outputs (0 where a variable stays undetermined).
 
     Raises :class:`MarabouEquationError` when a variable the outputs need stays undetermined,
-    when a constraint family it cannot evaluate (Softmax) is present, or when the solution
-    breaks a parsed equation, piecewise constraint or bound.
+    or when the solution breaks a parsed equation, piecewise constraint or bound.
     """
-    if getattr(net, "softmaxList", None):
-        raise MarabouEquationError(f"{len(net.softmaxList)} Softmax constraints: not evaluated")
     inputs, outputs = _vars(net)
     x = np.asarray(x, np.float64).reshape(-1)
     if x.size != inputs.size:
@@ -181,6 +179,8 @@ def evaluate_equations(net, x: np.ndarray, *, assignment: bool = False) -> np.nd
     max_elems = np.concatenate([e for e, _ in maxes]) if maxes else np.zeros(0, np.int64)
     max_start = np.concatenate([[0], np.cumsum(max_len)[:-1]]).astype(np.int64)
     bil = _pairs(net.bilinearList, 3).astype(np.int64)
+    softmaxes = [(np.asarray(i, np.int64).reshape(-1), np.asarray(o, np.int64).reshape(-1))
+                 for i, o in getattr(net, "softmaxList", None) or []]
     # Pending equation entries shrink as equations are used, so a wave costs what is left.
     p_row, p_var, p_coef = row, var, coef
     while True:
@@ -223,6 +223,10 @@ def evaluate_equations(net, x: np.ndarray, *, assignment: bool = False) -> np.nd
                 val[bil[fire, 2]] = val[bil[fire, 0]] * val[bil[fire, 1]]
                 known[bil[fire, 2]] = True
                 progressed = True
+        for si, so in softmaxes:  # one constraint per Softmax group (a handful per network)
+            if known[si].all() and not known[so].all():
+                val[so], known[so] = _softmax(val[si]), True
+                progressed = True
         if not progressed:
             break
     if not known[outputs].all():
@@ -231,7 +235,16 @@ def evaluate_equations(net, x: np.ndarray, *, assignment: bool = False) -> np.nd
             f"undetermined: {np.unique(p_row).size} equations keep two or more unknowns")
     _check_assignment(net, val, known, (row, var, coef, scalars), unary,
                       (max_f, max_elems, max_start), bil, inequalities)
+    for si, so in softmaxes:
+        want = _softmax(val[si])
+        if known[si].all() and np.any(np.abs(val[so] - want) > 1e-9 * (np.abs(want) + 1e-300)):
+            raise MarabouEquationError("softmax constraints do not hold")
     return val if assignment else val[outputs]
+
+
+def _softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - v.max())
+    return e / e.sum()
 
 
 def _check_assignment(net, val, known, eqs, unary, maxes, bil, inequalities,

@@ -211,10 +211,21 @@ def test_the_solver_agrees_with_the_equations():
                                mb.evaluate_equations(net, x), rtol=1e-6, atol=1e-6)
 
 
-def test_wrong_input_size_and_softmax_are_refused():
+def test_wrong_input_size_is_refused():
     net, _ = _mlp()
     with pytest.raises(mb.MarabouEquationError, match="x has 2 values, the network 3 inputs"):
         mb.evaluate_equations(net, np.zeros(2))
-    net.addSoftmaxConstraint([int(net.outputVars[0][0])], [net.getNewVariable()])
-    with pytest.raises(mb.MarabouEquationError, match="Softmax"):
-        mb.evaluate_equations(net, np.zeros(3))
+
+
+def test_softmax_groups_follow_their_formula():
+    """A Softmax constraint (maraboupy reads a final Softmax as one per group) is evaluated."""
+    net, _ = _mlp()
+    logits = [int(v) for v in np.asarray(net.outputVars[0]).reshape(-1)]
+    probs = [net.getNewVariable() for _ in logits]
+    net.addSoftmaxConstraint(logits, probs)
+    x = np.array([0.3, -0.2, 0.9])
+    val = mb.evaluate_equations(net, x, assignment=True)
+    z = val[logits]
+    np.testing.assert_allclose(val[probs], np.exp(z - z.max()) / np.exp(z - z.max()).sum(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(val[logits], _mlp_ref(net, x), rtol=1e-12)

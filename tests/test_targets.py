@@ -8,8 +8,9 @@
   in the original and for every sample once split; corpus models it reads and evaluates right
   (a few small ones by default, every model marked slow), with sizes near the original's.
   "Evaluates" is Marabou's parsed query with the input fixed, by its solver where that fits in
-  memory and always by ``propagate`` (tools/target_census.py: the equations and constraints
-  evaluated by propagation), which also shows a misread as an output no equation reaches.
+  memory and always by :func:`onnx_lower.marabou.evaluate_equations` (the parsed equations
+  and constraints evaluated in float64 and checked), which also shows a misread as an output
+  no equation reaches.
 * Attributes a reader ignores (read at source: ERAN's onnx_translator.py, auto_LiRPA's
   pooling.py) are rewritten away.
 """
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lower import graph as g
+from onnx_lower import marabou as mb
 from onnx_lower.api import lower
 from onnx_lower.cli import main
 from onnx_lower.errors import LoweringError, TargetUnsupportedError
@@ -278,17 +280,6 @@ def test_a_maxpool_whose_indices_are_an_output_is_refused_not_cut(target, batch,
         lower(_maxpool_with_indices(batch, pads), target=target)
 
 
-def _propagate():
-    """``propagate`` of tools/target_census.py: the parsed query evaluated by propagation."""
-    import importlib.util
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "target_census.py"
-    spec = importlib.util.spec_from_file_location("target_census", tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.propagate
-
-
 def test_batchnorm_without_epsilon_gets_the_spec_default_for_marabou(tmp_path):
     """maraboupy's batchNorm reads ``epsilon`` as None when the attribute is absent."""
     marabou = pytest.importorskip("maraboupy.Marabou")
@@ -314,17 +305,15 @@ def test_marabou_reads_a_split_batch_right_and_misses_the_original_batch(opset, 
     """Marabou's query of the original has no equation for samples 1.. of a Conv; of the
     target output it has them all, and its values match onnxruntime (every opset's Split)."""
     marabou = pytest.importorskip("maraboupy.Marabou")
-    propagate = _propagate()
     model, x = _batch_chain(3, opset, 1)
     want = run_model(model, {"x": x})[0]
     onnx.save(model, tmp_path / "orig.onnx")
-    with pytest.raises(RuntimeError, match="stalled"):
-        propagate(marabou.read_onnx(str(tmp_path / "orig.onnx")), x)
+    with pytest.raises(mb.MarabouEquationError, match="undetermined"):
+        mb.evaluate_equations(marabou.read_onnx(str(tmp_path / "orig.onnx")), x)
     lowered, _ = lower(model, target="marabou")
     onnx.save(lowered, tmp_path / "target.onnx")
     net = marabou.read_onnx(str(tmp_path / "target.onnx"))
-    got, residual = propagate(net, x)
-    assert residual <= 1e-9
+    got = mb.evaluate_equations(net, x)  # every parsed equation holds, or it raises
     assert np.abs(got.reshape(want.shape) - want).max() <= 1e-5 * np.abs(want).max()
     solver = _marabou_eval(tmp_path / "target.onnx", x, net=net).reshape(want.shape)
     assert np.abs(solver - want).max() <= 1e-5 * np.abs(want).max()  # small: the solver fits
@@ -468,11 +457,8 @@ def _marabou_eval(path: Path, x: np.ndarray, net=None) -> np.ndarray:
     ``evaluateWithoutMarabou`` would run onnxruntime on the file, blind to a misread.
     """
     marabou = pytest.importorskip("maraboupy.Marabou")
-    import os
-
     net = net or marabou.read_onnx(str(path))
-    options = marabou.createOptions(verbosity=0, tighteningStrategy="none")
-    return np.asarray(net.evaluateWithMarabou([x], options=options, filename=os.devnull)[0])
+    return mb.evaluate_with_solver(net, x, timeout=600)  # a TIMEOUT is named, not an unsat
 
 
 def test_marabou_misreads_a_padded_maxpool_and_reads_the_target_output(tmp_path):
@@ -521,8 +507,7 @@ def _corpus_case(name: str, tmp_path: Path) -> None:
     x = _rng(0).standard_normal(shape).astype(np.float32)  # nonzero borders: padding matters
     want = sess.run(None, {inp.name: x})[0]
     net = pytest.importorskip("maraboupy.Marabou").read_onnx(str(out))
-    got, residual = _propagate()(net, x)  # the parsed query, by propagation: every model
-    assert residual <= 1e-6 * max(1.0, np.abs(want).max())
+    got = mb.evaluate_equations(net, x)  # the parsed query, no solver: every model
     assert np.abs(got.reshape(want.shape) - want).max() <= 1e-5 * np.abs(want).max()
     if net.numVars <= SOLVER_VARS:  # and Marabou's solver where it fits in memory
         got = _marabou_eval(out, x, net=net)

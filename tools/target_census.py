@@ -3,7 +3,8 @@
 For each model, each variant is read by ``Marabou.read_onnx`` in a child process of its own
 (read time, ``ru_maxrss`` peak memory of the child), then evaluated with
 ``evaluateWithMarabou`` (Marabou's own solver on the parsed query with the input fixed, interval
-tightening only; or, with ``--evaluator propagate``, :func:`propagate` of the parsed query) on
+tightening only; or, with ``--evaluator propagate``, :func:`onnx_lower.marabou.evaluate_equations`
+of the parsed query, no solver) on
 a seeded standard-normal input (the model's static batch, else 1; nonzero borders, so padding
 matters), compared with onnxruntime on the *original*. (``evaluateWithoutMarabou`` runs
 onnxruntime on the file, not the parsed query: it cannot see a misread.) The scaled error is
@@ -34,103 +35,20 @@ import numpy as np
 OK_ERROR = 1e-5
 
 
-def propagate(net, x: np.ndarray, *, max_rounds: int = 10_000) -> tuple[np.ndarray, float]:
-    """The outputs of Marabou's *parsed* query with the input fixed to ``x``, by propagation.
-
-    Math: the query is linear equations ``Σ c_i v_i = b`` plus ``f = relu(b)``,
-    ``f = sigmoid(b)``, ``f = leakyrelu(b)``, ``f = max(S)``, ``o = softmax(i)`` constraints.
-    With the inputs fixed, each round solves every equation with exactly one unknown
-    (``v = (b − Σ_known c_i v_i)/c``) and every constraint whose inputs are known, all at once
-    (one sparse product per round), until the outputs are known. This is Marabou's own
-    arithmetic on the equations it wrote, without its solver, whose memory grows past 14 GB on
-    lenet5's batch of 10 Tanh layers (1.9 GB at batch 1) and past 10 GB on resnet20. Returns
-    the flat outputs (float64) and the largest residual of any equation at the end, a check
-    that the query is consistent there. An output no equation reaches (a misread, e.g. the
-    samples after the first of a batched Conv) raises RuntimeError ("stalled").
-
-    For now a private twin of the equation-propagation evaluator planned for
-    ``onnx_lower.marabou``; replace it by that one when it lands.
-    """
-    import scipy.sparse as sp
-
-    n = int(net.numVars)
-    eqs = [e for e in net.equList if e.EquationType.name == "EQ"]
-    rows = np.repeat(np.arange(len(eqs)), [len(e.addendList) for e in eqs])
-    cols = np.array([int(v) for e in eqs for _, v in e.addendList], np.int64)
-    coef = np.array([float(c) for e in eqs for c, _ in e.addendList], np.float64)
-    rhs = np.array([float(e.scalar) for e in eqs], np.float64)
-    a = sp.csr_matrix((coef, (rows, cols)), shape=(len(eqs), n))
-    pattern = sp.csr_matrix((np.ones_like(coef), (rows, cols)), shape=(len(eqs), n))
-    unary = []  # (inputs, outputs, function)
-    for name, fn in (("reluList", lambda b: np.maximum(b, 0.0)),
-                     ("sigmoidList", lambda b: 1.0 / (1.0 + np.exp(-b)))):
-        pairs = np.array([(int(b), int(f)) for b, f in getattr(net, name, [])], np.int64)
-        if pairs.size:
-            unary.append((pairs[:, 0], pairs[:, 1], fn))
-    for b, f, alpha in getattr(net, "leakyReluList", []):
-        unary.append((np.array([int(b)]), np.array([int(f)]),
-                      lambda v, al=float(alpha): np.where(v > 0, v, al * v)))
-    softmaxes = [(np.array(i, np.int64), np.array(o, np.int64))
-                 for i, o in getattr(net, "softmaxList", [])]
-    maxes = [(np.array(sorted(int(v) for v in s), np.int64), int(f)) for s, f in net.maxList]
-    if maxes:
-        max_in = np.concatenate([m for m, _ in maxes])
-        max_start = np.cumsum([0] + [m.size for m, _ in maxes[:-1]])
-        max_out = np.array([f for _, f in maxes], np.int64)
-    value = np.full(n, np.nan)
-    inputs = np.asarray(net.inputVars[0]).reshape(-1)
-    value[inputs] = np.asarray(x, np.float64).reshape(-1)
-    outputs = np.asarray(net.outputVars[0]).reshape(-1)
-    for _ in range(max_rounds):
-        known = ~np.isnan(value)
-        if known[outputs].all():
-            break
-        progress = False
-        unknown = pattern @ (~known).astype(np.float64)
-        one = np.flatnonzero(unknown == 1)
-        if one.size:
-            sub = a[one]
-            partial = sub @ np.where(known, value, 0.0)
-            masked = sub.multiply((~known).astype(np.float64)[None, :]).tocoo()
-            keep = masked.data != 0
-            r, c, d = masked.row[keep], masked.col[keep], masked.data[keep]
-            value[c] = (rhs[one][r] - partial[r]) / d
-            progress = True
-        known = ~np.isnan(value)
-        for b, f, fn in unary:
-            todo = known[b] & ~known[f]
-            if todo.any():
-                value[f[todo]] = fn(value[b[todo]])
-                progress = True
-        if maxes:
-            ready = np.logical_and.reduceat(known[max_in], max_start) & ~known[max_out]
-            if ready.any():
-                best = np.maximum.reduceat(np.where(known[max_in], value[max_in], -np.inf),
-                                           max_start)
-                value[max_out[ready]] = best[ready]
-                progress = True
-        for i, o in softmaxes:
-            if known[i].all() and not known[o].all():
-                z = np.exp(value[i] - value[i].max())
-                value[o] = z / z.sum()
-                progress = True
-        if not progress:
-            raise RuntimeError("propagation stalled: an output depends on no fixed input")
-    residual = np.abs(a @ np.nan_to_num(value) - rhs)
-    settled = (pattern @ np.isnan(value).astype(np.float64)) == 0
-    return value[outputs], float(residual[settled].max(initial=0.0))
-
-
 def child(model: str, original: str, evaluator: str = "solver") -> dict:
     """Read ``model`` with Marabou and compare its evaluation with onnxruntime on ``original``.
 
-    ``evaluator``: ``solver`` (``evaluateWithMarabou``) or ``propagate`` (:func:`propagate`).
+    ``evaluator``: ``solver`` (``evaluate_with_solver``) or ``propagate``
+    (``evaluate_equations``).
     """
     import warnings
 
     warnings.filterwarnings("ignore")
     import onnxruntime as ort
     from maraboupy import Marabou
+
+    from onnx_lower import marabou as mb
+    from onnx_lower.errors import LoweringError
 
     start = time.perf_counter()
     try:
@@ -145,16 +63,13 @@ def child(model: str, original: str, evaluator: str = "solver") -> dict:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ref = sess.run(None, {inp.name: x})[0]
     start = time.perf_counter()
-    residual = None
-    if evaluator == "propagate":
-        try:
-            flat, residual = propagate(net, x)
-        except RuntimeError as exc:  # an output no equation reaches: a misread
-            return {"status": "wrong", "error": str(exc)[:120]}
-        got = [flat]
-    else:
-        options = Marabou.createOptions(verbosity=0, tighteningStrategy="none")
-        got = net.evaluateWithMarabou([x], options=options, filename=os.devnull)
+    evaluate = mb.evaluate_equations if evaluator == "propagate" else mb.evaluate_with_solver
+    try:
+        got = [evaluate(net, x)]
+    except mb.MarabouEquationError as exc:  # an output no equation reaches: a misread
+        return {"status": "wrong", "error": str(exc)[:120]}
+    except LoweringError as exc:  # the solver's TIMEOUT or unsat, named
+        return {"status": "error", "error": str(exc)[:120]}
     eval_s = time.perf_counter() - start
     if got is None or np.asarray(got[0]).size != ref.size:
         err = float("inf")
@@ -168,7 +83,6 @@ def child(model: str, original: str, evaluator: str = "solver") -> dict:
         "read_peak_mb": read_mb,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "evaluator": evaluator,
-        "residual": residual,
         "error": err,
         "relus": len(net.reluList),
         "maxes": len(net.maxList),
@@ -225,8 +139,9 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated substrings of the model names to run")
     ap.add_argument("--variants", default="original,target,mlp")
     ap.add_argument("--evaluator", choices=("solver", "propagate"), default="solver",
-                    help="Marabou's solver with the input fixed, or propagate() of the parsed "
-                         "query (where the solver runs out of memory: lenet5's batch of 10)")
+                    help="Marabou's solver with the input fixed, or the parsed query's "
+                         "equations evaluated without it (onnx_lower.marabou.evaluate_equations; "
+                         "where the solver runs out of memory: lenet5's batch of 10)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, evaluator=args.evaluator)))
