@@ -89,11 +89,15 @@ def _vars(net) -> tuple[np.ndarray, np.ndarray]:
     return (np.asarray(net.inputVars[0]).reshape(-1), np.asarray(net.outputVars[0]).reshape(-1))
 
 
-def evaluate_with_solver(net, x: np.ndarray, timeout: int = 60) -> np.ndarray:
+def evaluate_with_solver(net, x: np.ndarray, timeout: int = 60,
+                         tightening: str = "none") -> np.ndarray:
     """The outputs Marabou's solver computes with the input fixed to ``x`` (flat, float64).
 
     ``MarabouNetwork.evaluateWithMarabou`` returns ``None`` for any empty answer, so it shows a
     ``TIMEOUT`` as an ``unsat``; this calls the solver itself and names the exit code.
+    ``tightening`` is Marabou's ``tighteningStrategy``: with the input a point, bound
+    tightening (Marabou's default is DeepPoly) has nothing to tighten and only costs time and
+    memory, so it is off unless asked for.
     """
     marabou, core, _ = _marabou()
     ipq = net.getInputQuery()
@@ -101,7 +105,8 @@ def evaluate_with_solver(net, x: np.ndarray, timeout: int = 60) -> np.ndarray:
     for v, a in zip(inputs.tolist(), np.asarray(x, np.float64).reshape(-1).tolist(), strict=True):
         ipq.setLowerBound(v, a)
         ipq.setUpperBound(v, a)
-    options = marabou.createOptions(timeoutInSeconds=timeout, verbosity=0)
+    options = marabou.createOptions(timeoutInSeconds=timeout, verbosity=0,
+                                    tighteningStrategy=tightening)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnx_lower_marabou_") as tmp:
         code, values, _ = core.solve(ipq, options, os.path.join(tmp, "log"))
