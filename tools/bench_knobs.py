@@ -48,6 +48,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
 
 
 def lowered(model: onnx.ModelProto, knobs: dict[str, object]) -> onnx.ModelProto:
+    """``model`` lowered to im2col with the :mod:`~onnx_lower.passes.im2col.cost` constants in
+    ``knobs`` set for the call (restored after)."""
     from onnx_lower.passes.im2col import cost
 
     saved = {k: getattr(cost, k) for k in knobs}

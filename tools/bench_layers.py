@@ -58,6 +58,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 
 from onnx_lower.benchmark import machine_info  # noqa: E402
 from onnx_lower.validate import make_session  # noqa: E402
+from tools.bench_knobs import lowered  # noqa: E402
 
 F = TensorProto.FLOAT
 
@@ -212,17 +213,20 @@ def _grouped_model(c: int, m: int, hw: int, group: int, shuffle: int, nhwc: bool
 
 def _lowered(model, **knobs):
     """``model`` lowered to im2col with the :mod:`~onnx_lower.passes.im2col.cost` ``knobs``."""
-    import onnx_lower
-    from onnx_lower.passes.im2col import cost
+    return lowered(model, knobs)
 
-    saved = {k: getattr(cost, k) for k in knobs}
-    try:
-        for k, v in knobs.items():
-            setattr(cost, k, v)
-        return onnx_lower.lower(model, form="im2col")[0]
-    finally:
-        for k, v in saved.items():
-            setattr(cost, k, v)
+
+def _against_native(variants: list[dict], cl, feed_cl: dict, native, x: np.ndarray,
+                    repeat: int, tol: float = 1e-4) -> list[float]:
+    """Each knob set of ``variants`` lowers the channels-last ``cl``; every lowered model is
+    checked against ``native`` (NCHW, input ``x``) and all run interleaved: their medians, the
+    native one last."""
+    runs = [(make_session(_lowered(cl, **knobs)), feed_cl) for knobs in variants]
+    runs.append((make_session(native), {"x": x}))
+    want = runs[-1][0].run(None, runs[-1][1])[0].transpose(0, 2, 3, 1)
+    for sess, feed in runs[:-1]:
+        np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=tol, atol=tol)
+    return _interleaved(runs, repeat)
 
 
 #: ShuffleNet V1 (g = 3) and V2-like grouped 1×1 layers: (C, M, H=W, groups, shuffle groups).
@@ -241,13 +245,8 @@ def grouped(repeat: int) -> list[str]:
         feed_cl = {"x": np.ascontiguousarray(x.transpose(0, 2, 3, 1))}
         cl = _grouped_model(c, m, hw, group, shuffle, nhwc=True)
         native = _grouped_model(c, m, hw, group, shuffle, nhwc=False)
-        runs = [(make_session(_lowered(cl, DENSE_GROUPS=1)), feed_cl),
-                (make_session(_lowered(cl, DENSE_GROUPS=1 << 30)), feed_cl),
-                (make_session(native), {"x": x})]
-        want = runs[2][0].run(None, runs[2][1])[0].transpose(0, 2, 3, 1)
-        for sess, feed in runs[:2]:
-            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
-        ms = _interleaved(runs, repeat)
+        ms = _against_native([{"DENSE_GROUPS": 1}, {"DENSE_GROUPS": 1 << 30}], cl, feed_cl,
+                             native, x, repeat)
         lines.append(f"| {c}→{m} | {hw} | {group} | {shuffle or '-'} | {ms[0]:.3f} | "
                      f"{ms[1]:.3f} | {ms[2]:.3f} | {ms[0] / ms[2]:.2f} | {ms[1] / ms[2]:.2f} |")
     return lines
@@ -285,14 +284,9 @@ def dwslices(repeat: int) -> list[str]:
         conv.input[0], clip.output[0] = "x", "y"
         native = _model([conv, clip], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
                         inits)
-        runs = [(make_session(_lowered(cl, DW_SLICE_MAX_BYTES=0)), feed_cl),
-                (make_session(_lowered(cl, DW_SLICE_MAX_BYTES=1 << 30, DW_SLICE_MIN_ROWS=1)),
-                 feed_cl),
-                (make_session(native), {"x": x})]
-        want = runs[2][0].run(None, runs[2][1])[0].transpose(0, 2, 3, 1)
-        for sess, feed in runs[:2]:
-            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
-        ms = _interleaved(runs, repeat)
+        ms = _against_native([{"DW_SLICE_MAX_BYTES": 0},
+                              {"DW_SLICE_MAX_BYTES": 1 << 30, "DW_SLICE_MIN_ROWS": 1}],
+                             cl, feed_cl, native, x, repeat)
         lines.append(f"| {c} | {hw} | {stride} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[2]:.3f} | "
                      f"{ms[0] / ms[2]:.2f} | {ms[1] / ms[2]:.2f} | {ms[1] / ms[0]:.2f} |")
     return lines
@@ -321,14 +315,9 @@ def maxpool(repeat: int) -> list[str]:
         relu.input[0], pool.output[0] = "x", "y"
         native = _model([relu, pool], [helper.make_tensor_value_info("x", F, [1, c, hw, hw])],
                         {})
-        runs = [(make_session(_lowered(cl, POOL_SLICES=False)), feed_cl),
-                (make_session(_lowered(cl, POOL_AXIS_ORDER="first")), feed_cl),
-                (make_session(_lowered(cl, POOL_AXIS_ORDER="last")), feed_cl),
-                (make_session(native), {"x": x})]
-        want = runs[3][0].run(None, runs[3][1])[0].transpose(0, 2, 3, 1)
-        for sess, feed in runs[:3]:
-            np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-6, atol=1e-6)
-        ms = _interleaved(runs, repeat)
+        ms = _against_native([{"POOL_SLICES": False}, {"POOL_AXIS_ORDER": "first"},
+                              {"POOL_AXIS_ORDER": "last"}], cl, feed_cl, native, x, repeat,
+                             tol=1e-6)
         lines.append(f"| {c} | {hw} | {k}×{k} | {pad} | {ceil} | {ms[0]:.3f} | {ms[1]:.3f} | "
                      f"{ms[2]:.3f} | {ms[3]:.3f} | {ms[0] / ms[3]:.2f} | {ms[1] / ms[3]:.2f} | "
                      f"{ms[2] / ms[3]:.2f} |")

@@ -61,16 +61,20 @@ def _parts_of(x: gs.Tensor, n: int, ctx: Context, made: list[gs.Node],
         return list(node.inputs)
     if node.op in SAMPLEWISE_UNARY and len(node.outputs) == 1:
         inner = _parts_of(node.inputs[0], n, ctx, made, depth + 1)
-        if inner is None:
-            return None
-        outs = []
-        for i, part in enumerate(inner):
-            out = variable(ctx, f"{x.name}_s{i}", x, _one(x.shape))
-            made.append(gs.Node(node.op, ctx.namer(f"{node.name}_s{i}"), dict(node.attrs),
-                                [part, *node.inputs[1:]], [out]))
-            outs.append(out)
-        return outs
+        return None if inner is None else _per_sample(node, inner, x, ctx, made)
     return None
+
+
+def _per_sample(node: gs.Node, parts: list, y, ctx, made: list[gs.Node]) -> list:
+    """One clone of ``node`` per sample in ``parts`` (its other inputs shared), each writing a
+    single-sample slice of ``y``; the clones go to ``made``, their outputs are returned."""
+    outs = []
+    for i, part in enumerate(parts):
+        out = variable(ctx, f"{y.name}_s{i}", y, _one(y.shape))
+        made.append(gs.Node(node.op, ctx.namer(f"{node.name}_s{i}"), dict(node.attrs),
+                            [part, *node.inputs[1:]], [out]))
+        outs.append(out)
+    return outs
 
 
 def _split(x: gs.Tensor, n: int, ctx: Context, made: list[gs.Node]) -> list[gs.Tensor] | None:
@@ -124,12 +128,7 @@ def split_batch(node: gs.Node, graph: gs.Graph, ctx: Context) -> str | None:
         parts = _split(x, n, ctx, made)
         if parts is None:
             return None
-    outs = []
-    for i, part in enumerate(parts):
-        out = variable(ctx, f"{y.name}_s{i}", y, _one(y.shape))
-        made.append(gs.Node(node.op, ctx.namer(f"{node.name}_s{i}"), dict(node.attrs),
-                            [part, *node.inputs[1:]], [out]))
-        outs.append(out)
+    outs = _per_sample(node, parts, y, ctx, made)
     made.append(gs.Node("Concat", ctx.namer(f"{node.name}_batch"), {"axis": 0}, outs, [y]))
     replace(graph, node, made)
     how = "the split samples before it" if reused else "Split along the batch"
