@@ -1133,22 +1133,28 @@ def _lower_transpose(node: gs.Node, ctx: _Ctx) -> Lowering:
     return _single(node, transpose_map(_data(node)[1], perm))
 
 
-def _lower_pad(node: gs.Node, ctx: _Ctx) -> Lowering:
-    xs = _data(node)[1]
-    # https://onnx.ai/onnx/operators/onnx__Pad.html: mode "constant", constant_value 0.
+def _pad_args(node: gs.Node) -> tuple[str, list[int], float, list[int] | None]:
+    """Pad's ``mode, pads, value, axes`` (https://onnx.ai/onnx/operators/onnx__Pad.html: mode
+    "constant", constant_value 0): attributes before opset 11, inputs from 11; absent axes are
+    None."""
     mode = attr(node, "mode", "constant")
     if "pads" in node.attrs or "paddings" in node.attrs:  # opset < 11
         pads = attr(node, "pads", attr(node, "paddings"))
-        value, axes = float(attr(node, "value", 0.0)), None
-    else:
-        pads = _ints(_const_input(node, 1, "pads", required=True))
-        v = _const_input(node, 2, "constant_value")
-        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
-        axes = _ints(_const_input(node, 3, "axes"))
-    return _single(node, pad_map(xs, pads, mode, value, axes))
+        return mode, pads, float(attr(node, "value", 0.0)), None
+    pads = _ints(_const_input(node, 1, "pads", required=True))
+    v = _const_input(node, 2, "constant_value")
+    value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
+    return mode, pads, value, _ints(_const_input(node, 3, "axes"))
 
 
-def _lower_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
+def _lower_pad(node: gs.Node, ctx: _Ctx) -> Lowering:
+    mode, pads, value, axes = _pad_args(node)
+    return _single(node, pad_map(_data(node)[1], pads, mode, value, axes))
+
+
+def _concat_operands(node: gs.Node, whole: bool) -> tuple[list[gs.Tensor], list]:
+    """Concat's activations and its parts in order: an activation's shape, or a constant's
+    values (with ``whole``, as one sample of the virtual batch)."""
     acts, parts = [], []
     for t in _inputs(node):
         c = const_value(t)
@@ -1156,9 +1162,14 @@ def _lower_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
             parts.append(activation_shape(t))
             acts.append(t)
         else:
-            parts.append(np.asarray(c))
+            parts.append(np.asarray(c)[None] if whole else np.asarray(c))
     if not acts:
         _refuse(ALL_CONSTANT)
+    return acts, parts
+
+
+def _lower_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
+    acts, parts = _concat_operands(node, whole=False)
     for t in acts[1:]:
         same_batch(acts[0], t)
     return Lowering(acts, [concat_map(parts, attr(node, "axis"))])
@@ -1169,14 +1180,20 @@ def _lower_split(node: gs.Node, ctx: _Ctx) -> Lowering:
     r = len(xs) + 1
     axis = _axis(attr(node, "axis", 0), r)  # default 0 (spec)
     _not_batch(axis, "Split")
+    split, n_out = _split_args(node)
+    return Lowering([x], split_maps(xs, axis, split_sizes(xs[axis - 1], n_out, split)))
+
+
+def _split_args(node: gs.Node) -> tuple[list[int] | None, int]:
+    """Split's ``split`` sizes (attribute before opset 13, input 1 from 13; None = equal parts)
+    and its number of outputs (https://onnx.ai/onnx/operators/onnx__Split.html)."""
     split = attr(node, "split")
     if split is None:
         split = _ints(_const_input(node, 1, "split"))
     n_out = int(attr(node, "num_outputs", len(node.outputs)))
     if n_out != len(node.outputs):
         _refuse(f"num_outputs={n_out} but the node has {len(node.outputs)} outputs")
-    sizes = split_sizes(xs[axis - 1], n_out, split)
-    return Lowering([x], split_maps(xs, axis, sizes))
+    return split, n_out
 
 
 def _slice_args(node: gs.Node):
@@ -1422,28 +1439,14 @@ def _whole_matmul(node: gs.Node, ctx: _Ctx) -> Lowering:
 
 
 def _whole_concat(node: gs.Node, ctx: _Ctx) -> Lowering:
-    acts, parts = [], []
-    for t in _inputs(node):
-        c = const_value(t)
-        if c is None:
-            parts.append(activation_shape(t))
-            acts.append(t)
-        else:
-            parts.append(np.asarray(c)[None])  # one sample of the virtual batch
-    if not acts:
-        _refuse(ALL_CONSTANT)
+    acts, parts = _concat_operands(node, whole=True)
     return Lowering(acts, [concat_map(parts, _shift(attr(node, "axis"), len(parts[0])))])
 
 
 def _whole_split(node: gs.Node, ctx: _Ctx) -> Lowering:
     x, xs = _data(node)
     axis = _shift(attr(node, "axis", 0), len(xs))  # default 0 (spec)
-    split = attr(node, "split")
-    if split is None:
-        split = _ints(_const_input(node, 1, "split"))
-    n_out = int(attr(node, "num_outputs", len(node.outputs)))
-    if n_out != len(node.outputs):
-        _refuse(f"num_outputs={n_out} but the node has {len(node.outputs)} outputs")
+    split, n_out = _split_args(node)
     return Lowering([x], split_maps(xs, axis, split_sizes(xs[axis - 1], n_out, split)))
 
 
@@ -1477,15 +1480,7 @@ def _whole_reduce(node: gs.Node, ctx: _Ctx) -> Lowering:
 def _whole_pad(node: gs.Node, ctx: _Ctx) -> Lowering:
     xs = _data(node)[1]
     r = len(xs)
-    mode = attr(node, "mode", "constant")  # https://onnx.ai/onnx/operators/onnx__Pad.html
-    if "pads" in node.attrs or "paddings" in node.attrs:  # opset < 11
-        pads = attr(node, "pads", attr(node, "paddings"))
-        value, axes = float(attr(node, "value", 0.0)), None
-    else:
-        pads = _ints(_const_input(node, 1, "pads", required=True))
-        v = _const_input(node, 2, "constant_value")
-        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
-        axes = _ints(_const_input(node, 3, "axes"))
+    mode, pads, value, axes = _pad_args(node)
     if axes is None:
         if len(pads) != 2 * r:
             _refuse(f"Pad has {len(pads)} pads for a tensor of rank {r}")
