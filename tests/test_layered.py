@@ -181,33 +181,37 @@ placements = st.sampled_from(layered.PLACEMENTS)
 @settings(max_examples=15)
 @given(dag=dags(), placement=placements, boxed=st.booleans())
 def test_random_dag_is_a_strict_chain(dag, placement, boxed):
-    box = random_box(dag.n_in, dag.seed) if boxed else None
-    check_layered(build_dag(dag), box, placement)
+    _check_dag(dag, placement, boxed)
 
 
 @settings(max_examples=6)
 @given(net=nets(), placement=placements, boxed=st.booleans())
 def test_random_cnn_is_a_strict_chain(net, placement, boxed):
-    model = build_model(net)
-    box = random_box(math.prod(net.input[1:]), net.seed) if boxed else None
-    check_layered(model, box, placement, batch=2 if net.dynamic_batch else 1)
+    _check_cnn(net, placement, boxed)
 
 
 @pytest.mark.slow
 @settings(max_examples=300)
 @given(dag=dags(), placement=placements, boxed=st.booleans())
 def test_random_dag_is_a_strict_chain_many(dag, placement, boxed):
-    box = random_box(dag.n_in, dag.seed) if boxed else None
-    check_layered(build_dag(dag), box, placement)
+    _check_dag(dag, placement, boxed)
 
 
 @pytest.mark.slow
 @settings(max_examples=150)
 @given(net=nets(), placement=placements, boxed=st.booleans())
 def test_random_cnn_is_a_strict_chain_many(net, placement, boxed):
-    model = build_model(net)
+    _check_cnn(net, placement, boxed)
+
+
+def _check_dag(dag, placement, boxed: bool) -> None:
+    box = random_box(dag.n_in, dag.seed) if boxed else None
+    check_layered(build_dag(dag), box, placement)
+
+
+def _check_cnn(net, placement, boxed: bool) -> None:
     box = random_box(math.prod(net.input[1:]), net.seed) if boxed else None
-    check_layered(model, box, placement, batch=2 if net.dynamic_batch else 1)
+    check_layered(build_model(net), box, placement, batch=2 if net.dynamic_batch else 1)
 
 
 # --------------------------------------------------------------------------- carries
