@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx_lower import graph as g
 from onnx_lower.errors import UnsupportedOpError
 from onnx_lower.passes.pool import avg_pool_matrix, max_pool_taps, pool_windows
+from onnx_lower.windows import Windows
 
 from . import cost
 from .conv import gather_indices
@@ -131,9 +132,10 @@ class SlicePlan:
     order: tuple[int, ...]
 
 
-def slice_plan(spatial, kernel, opset: int, **kw) -> SlicePlan | None:
-    """The :class:`SlicePlan` of a MaxPool, or None where it does not apply (dilation > 1,
-    opset < 10 with strides). An identity pool (1×1, stride 1) has no axis to reduce.
+def slice_plan(win: Windows, opset: int, dilations=None) -> SlicePlan | None:
+    """The :class:`SlicePlan` of a MaxPool with windows ``win`` (:func:`pool_windows` of a
+    ``(1, *spatial)`` input), or None where it does not apply (dilation > 1, opset < 10 with
+    strides). An identity pool (1×1, stride 1) has no axis to reduce.
 
     Padding is −inf; an **edge** pad repeats the border value instead, which is exact: with
     dilation 1 every window is a contiguous run on each axis, so a window that reaches into the
@@ -142,11 +144,10 @@ def slice_plan(spatial, kernel, opset: int, **kw) -> SlicePlan | None:
     repeated corner is the clamped position, inside every per-axis window. The window of a
     product grid is the product of its per-axis windows, so the axes are reduced one at a time.
     """
-    spatial = tuple(int(v) for v in spatial)
+    spatial = tuple(int(v) for v in win.in_shape)
     r = len(spatial)
-    if not cost.POOL_SLICES or any(d != 1 for d in (kw.get("dilations") or ())):
+    if not cost.POOL_SLICES or any(d != 1 for d in (dilations or ())):
         return None
-    win, _ = pool_windows((1, *spatial), kernel, **kw)
     max_pool_taps(win)  # raises for a window without a valid tap
     begins, ends, axes = [0] * r, [0] * r, []
     for i, pos in enumerate(win.positions):
@@ -262,10 +263,10 @@ class PoolOps:
         x = self.to_cl(x_t)
         kernel = tuple(g.attr(node, "kernel_shape"))
         try:
-            win, _ = pool_windows((1, *x.spatial), kernel, **self._pool_kw(node))
-            sliced = slice_plan(x.spatial, kernel, self.e.opset, **self._pool_kw(node))
-            stages = None if sliced is not None else max_pool_plan(
-                x.spatial, kernel, **self._pool_kw(node))[0]
+            kw = self._pool_kw(node)
+            win, _ = pool_windows((1, *x.spatial), kernel, **kw)
+            sliced = slice_plan(win, self.e.opset, kw["dilations"])
+            stages = None if sliced is not None else max_pool_plan(x.spatial, kernel, **kw)[0]
         except ValueError as exc:
             raise UnsupportedOpError(node.name, node.op, FORM, str(exc)) from exc
         c, out_spatial = self._pool_out(node, out_t, tuple(win.out_shape))
