@@ -106,14 +106,7 @@ class GroupedOps:
         grp, k, _, _ = wg.shape
         n, dtype, r = x.batch, x.dtype, len(x.spatial)
         _, out_spatial = self.out_cl_shape(out_t)
-        pads = choice.pads
-        view = self.e.reshape(self.primary(x), [-1, *x.spatial, grp], [n, *x.spatial, grp],
-                              base + "/spatial")
-        if any(pads):
-            padded_shape = [n, *(a + pads[i] + pads[r + i] for i, a in enumerate(x.spatial)),
-                            grp]
-            view = self.e.pad(view, [0, *pads[:r], 0, 0, *pads[r:], 0], padded_shape,
-                              base + "/dw_pad")
+        view, _ = self.padded_spatial(x, choice.pads, base)
         shape = [n, *out_spatial, grp]
         wd = depthwise_weight(wg)[:, :, 0]  # (K, C)
         last = out_spatial[-1]

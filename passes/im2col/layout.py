@@ -170,6 +170,21 @@ class LayoutCore:
         """The view that exists already (2-D preferred: it lets onnxruntime fuse into Gemm)."""
         return x.rows if x.rows is not None else x.tensor
 
+    def padded_spatial(self, x: CL, pads, base: str, mode: str = "constant"
+                       ) -> tuple[gs.Variable, list]:
+        """``x`` as ``(N, *spatial, C)``, padded by ``pads`` (ONNX layout over the spatial axes)
+        when any is nonzero; the tensor and its shape. What the tap-Slice forms (depthwise
+        convs, MaxPool) read."""
+        n, c, r = x.batch, x.channels, len(x.spatial)
+        shape = [n, *x.spatial, c]
+        view = self.e.reshape(self.primary(x), [-1, *x.spatial, c], list(shape),
+                              base + "/spatial")
+        if any(pads):
+            shape = [n, *(a + pads[i] + pads[r + i] for i, a in enumerate(x.spatial)), c]
+            view = self.e.pad(view, [0, *pads[:r], 0, 0, *pads[r:], 0], shape,
+                              base + ("/edge_pad" if mode == "edge" else "/dw_pad"), mode=mode)
+        return view, shape
+
     # -- layout conversions -----------------------------------------------------------------
 
     def has_nchw(self, t: gs.Tensor) -> bool:

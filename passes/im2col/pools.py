@@ -233,14 +233,8 @@ class PoolOps:
     def max_pool_slices(self, x: CL, plan: SlicePlan, c: int, base: str) -> gs.Variable:
         """The max of every window as one edge Pad and, axis by axis, a balanced tree of
         pairwise maxima over the (strided) Slices of the window's taps; ``(N, S_out, C)``."""
-        n, r = x.batch, len(x.spatial)
-        shape = [n, *x.spatial, c]
-        y = self.e.reshape(self.primary(x), [-1, *x.spatial, c], list(shape), base + "/spatial")
-        if any(plan.pads):
-            shape = [n, *(a + plan.pads[i] + plan.pads[r + i] for i, a in enumerate(x.spatial)),
-                     c]
-            y = self.e.pad(y, [0, *plan.pads[:r], 0, 0, *plan.pads[r:], 0], shape,
-                           base + "/edge_pad", mode="edge")
+        n = x.batch
+        y, shape = self.padded_spatial(x, plan.pads, base, mode="edge")
         for ax in plan.order:
             start, k, stride, out = plan.axes[ax]
             shape = list(shape)
