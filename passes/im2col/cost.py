@@ -65,6 +65,7 @@ __all__ = [
     "CONV_CHUNK_BYTES",
     "MIN_CHUNK_ROWS",
     "MAX_CHUNKS",
+    "RESIDUAL_BIAS_FOLD",
     "S2D_MAX_BYTES",
     "S2D_AXES",
     "chunk_bounds",
@@ -86,6 +87,7 @@ POOL_AXIS_ORDER = "first"  # MaxPool slices: reduce the outer ("first") or the l
 CONV_CHUNK_BYTES = 2 << 20  # ... and of an im2col chunk (Gather + MatMul)
 MIN_CHUNK_ROWS = 64  # keep MatMuls tall enough to run at full speed
 MAX_CHUNKS = 64
+RESIDUAL_BIAS_FOLD = True  # an Add of two conv outputs: one conv takes both biases (fold.py)
 S2D_MAX_BYTES = 32  # space-to-depth for strided convs whose channel block is this small
 S2D_AXES = "last"  # fold "last" spatial axis only (a free Reshape) or "all" (one Transpose)
 

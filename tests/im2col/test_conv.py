@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,10 +17,12 @@ from onnx_lower.errors import LoweringError
 from onnx_lower.passes import im2col
 from onnx_lower.passes.im2col import (
     conv_transpose_taps,
+    cost,
     dense_weight,
     group_weights,
     space_to_depth_taps,
 )
+from onnx_lower.passes.im2col.fold import fold_residual_bias
 from onnx_lower.windows import resolve_pads, sliding_windows
 from tests.im2col import HYP, check, make_model, ops_of, rand
 
@@ -171,3 +175,59 @@ def test_conv_windows_agree_with_resolve_pads():
     win = im2col.conv_windows((7, 7), (3, 3), (2, 2), None, (1, 1), "SAME_UPPER")
     assert win.out_shape == (4, 4) and math.prod(win.out_shape) == win.taps.shape[0]
     assert pads == (1, 1, 1, 1)
+
+
+def _residual_block(k_main, stride, c, m, bn):
+    """``relu(conv_main(x) [BN] + conv_short(x) [BN])``: a ResNet projection-shortcut block."""
+    pad = k_main // 2
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ya"], kernel_shape=[k_main] * 2,
+                              strides=[stride] * 2, pads=[pad] * 4, name="main"),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["yb"], kernel_shape=[1, 1],
+                              strides=[stride] * 2, name="short")]
+    inits = {"wa": rand(m, c, k_main, k_main), "ba": rand(m), "wb": rand(m, c, 1, 1), "bb": rand(m)}
+    summed = ["ya", "yb"]
+    if bn:
+        for t in ("a", "b"):
+            nodes.append(helper.make_node("BatchNormalization", [f"y{t}", f"g{t}", f"be{t}",
+                                                                 f"mu{t}", f"var{t}"], [f"n{t}"]))
+            inits |= {f"g{t}": rand(m), f"be{t}": rand(m), f"mu{t}": rand(m),
+                      f"var{t}": np.abs(rand(m)) + 0.5}
+        summed = ["na", "nb"]
+    nodes += [helper.make_node("Add", summed, ["s"], name="add"),
+              helper.make_node("Relu", ["s"], ["y"])]
+    return make_model(nodes, (1, c, 9, 9), inits)
+
+
+@HYP
+@given(k_main=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       c=st.integers(1, 6), m=st.integers(1, 8), bn=st.booleans())
+def test_residual_bias_moves_to_one_conv(k_main, stride, c, m, bn):
+    """An Add of two conv outputs keeps one bias: the result still matches onnxruntime, and the
+    graph has one bias-add fewer than with the fold switched off."""
+    model = _residual_block(k_main, stride, c, m, bn)
+    lowered = check(model)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))  # as resolve-shapes does
+    add = next(n for n in graph.nodes if n.op == "Add")
+    if bn:  # the fold runs after BatchNormalization is folded; without BN it applies directly
+        assert not fold_residual_bias(graph, add)
+    else:
+        assert fold_residual_bias(graph, add)
+        convs = {n.name: n for n in graph.nodes if n.op == "Conv"}
+        # the 1×1 stride-1 shortcut gives when the main conv is not one; else the main conv
+        giver, keeper = ("short", "main") if stride == 1 and k_main == 3 else ("main", "short")
+        assert len(convs[giver].inputs) == 2 and len(convs[keeper].inputs) == 3
+    saved = cost.RESIDUAL_BIAS_FOLD
+    try:
+        cost.RESIDUAL_BIAS_FOLD = False
+        unfolded, _ = onnx_lower.lower(model, form="im2col")
+    finally:
+        cost.RESIDUAL_BIAS_FOLD = saved
+    assert ops_of(lowered)["Add"] == ops_of(unfolded)["Add"] - 1
+
+
+def test_residual_bias_left_alone_for_an_identity_shortcut():
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Add", ["c", "x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    model = make_model(nodes, (1, 4, 5, 5), {"w": rand(4, 4, 1, 1), "b": rand(4)})
+    lowered = check(model)
+    assert ops_of(lowered)["Add"] >= 1
