@@ -8,6 +8,7 @@ Usage::
     python tools/bench_layers.py --only maxpool --repeat 30
     python tools/bench_layers.py --only gather --repeat 100
     python tools/bench_layers.py --only grouped
+    python tools/bench_layers.py --only residual,clip,stem --repeat 60
 
 ``gather``: onnxruntime's Gather copying the 3×3 taps of a stride-1 conv as 9 blocks of C
 floats per output row (what ``lower-im2col`` emits) against 3 blocks of 3·C floats (one per
@@ -36,6 +37,21 @@ tap Slices (forced on: ``DW_SLICE_MIN_ROWS = 1``), against the native depthwise 
 one) lowered on an NHWC input as the gathered plan (``POOL_SLICES = False``) and as Slices of
 an edge-padded input reducing the outer axis first or the last axis first
 (``POOL_AXIS_ORDER``), against onnxruntime's Relu + MaxPool.
+
+``residual`` (issue 13, epilogues): a 1×1 conv's GEMM on channels-last rows + a residual + Relu:
+``Gemm(A, W, b)`` + Add + Relu (what a conv with its own bias gives) against ``Gemm(A, W, C=R)``
++ Relu (bias already in R), ``Add(R, b)`` first, and ``MatMul(A, W)`` + Add(R) + Relu (bias in
+R: what ``im2col-fold``'s residual-bias move emits; onnxruntime fuses it into one FusedGemm).
+
+``clip`` (issue 13, epilogues): a 1×1 conv's GEMM + bias + Clip(0, 6) (MobileNetV2's expand
+convs) against the same GEMM with HardSigmoid(x/6) (onnxruntime fuses HardSigmoid into its
+FusedGemm, Clip it does not; ``6·HardSigmoid(x/6)`` = Clip(x, 0, 6)), with Relu (fused) and
+with no activation.
+
+``stem`` (issue 13): a 3-channel stem conv + Relu: the im2col form as ``lower-im2col`` emits it
+against "planes" (NCHW input, one strided Slice per tap and channel plane, a Concat of whole
+planes, ``MatMul(W (M, K), cols (K, S))``: no small-block Gather) with and without the
+Transpose back to channels-last rows, and the native Conv.
 
 Every variant is checked against the native result first. Sessions use one thread; A/B/C runs
 are interleaved after warm-up and the medians are quoted with their ratios.
@@ -324,18 +340,149 @@ def maxpool(repeat: int) -> list[str]:
     return lines
 
 
+RESIDUAL_LAYERS = ((3136, 64, 256), (784, 128, 512), (196, 256, 1024), (49, 512, 2048),
+                   (3136, 64, 64), (784, 128, 128))
+CLIP_LAYERS = ((12544, 16, 96), (3136, 24, 144), (784, 32, 192), (196, 64, 384), (49, 160, 960),
+               (49, 320, 1280))
+STEM_LAYERS = ((3, 64, 224, 3, 1, 1), (3, 64, 224, 7, 2, 3), (3, 64, 224, 3, 2, 0),
+               (3, 32, 224, 3, 2, 1), (3, 24, 224, 3, 2, 1))
+
+
+def _gemm_variants(variants: dict, m: int, k: int, n: int, repeat: int, extra_input: bool):
+    """Median ms of each ``name: nodes`` variant over ``a (m, k)`` [and ``r (m, n)``]."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((k, n)).astype(np.float32),
+             "b": rng.standard_normal(n).astype(np.float32)}
+    feed = {"a": rng.standard_normal((m, k)).astype(np.float32)}
+    inputs = [helper.make_tensor_value_info("a", F, [m, k])]
+    if extra_input:
+        feed["r"] = rng.standard_normal((m, n)).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info("r", F, [m, n]))
+    runs = []
+    for nodes in variants.values():
+        used = {i for node in nodes for i in node.input}
+        model = _model(nodes, inputs, {key: v for key, v in inits.items() if key in used})
+        runs.append((make_session(model), feed))
+    return _interleaved(runs, repeat)
+
+
+def residual(repeat: int) -> list[str]:
+    node = helper.make_node
+    variants = {
+        "Gemm(b) + Add + Relu": [node("Gemm", ["a", "w", "b"], ["g"]),
+                                 node("Add", ["g", "r"], ["s"]), node("Relu", ["s"], ["y"])],
+        "Gemm(C=R) + Relu": [node("Gemm", ["a", "w", "r"], ["g"]), node("Relu", ["g"], ["y"])],
+        "Add(R, b) + Gemm(C) + Relu": [node("Add", ["r", "b"], ["rb"]),
+                                       node("Gemm", ["a", "w", "rb"], ["g"]),
+                                       node("Relu", ["g"], ["y"])],
+        "MatMul + Add(R) + Relu": [node("MatMul", ["a", "w"], ["g"]),
+                                   node("Add", ["g", "r"], ["s"]), node("Relu", ["s"], ["y"])],
+    }
+    names = list(variants)
+    lines = [f"| M×K×N | {names[0]} ms | " + " | ".join(f"{v} / first" for v in names[1:]) + " |",
+             "|---|---:|" + "---:|" * (len(names) - 1)]
+    for m, k, n in RESIDUAL_LAYERS:
+        ms = _gemm_variants(variants, m, k, n, repeat, extra_input=True)
+        lines.append(f"| {m}×{k}×{n} | {ms[0]:.3f} | "
+                     + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |")
+    return lines
+
+
+def clip(repeat: int) -> list[str]:
+    node = helper.make_node
+    gemm = node("Gemm", ["a", "w", "b"], ["g"])
+    lo_hi = [helper.make_node("Constant", [], ["lo"], value_float=0.0),
+             helper.make_node("Constant", [], ["hi"], value_float=6.0)]
+    variants = {
+        "Clip(0, 6)": [gemm, *lo_hi, node("Clip", ["g", "lo", "hi"], ["y"])],
+        "6·HardSigmoid(x/6), 6 folded into the consumer": [
+            gemm, node("HardSigmoid", ["g"], ["y"], alpha=1 / 6, beta=0.0)],
+        "Relu": [gemm, node("Relu", ["g"], ["y"])],
+        "none": [gemm, node("Identity", ["g"], ["y"])],
+    }
+    names = list(variants)
+    lines = [f"| M×K×N | {names[0]} ms | " + " | ".join(f"{v} / Clip" for v in names[1:]) + " |",
+             "|---|---:|" + "---:|" * (len(names) - 1)]
+    for m, k, n in CLIP_LAYERS:
+        ms = _gemm_variants(variants, m, k, n, repeat, extra_input=False)
+        lines.append(f"| {m}×{k}×{n} | {ms[0]:.3f} | "
+                     + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |")
+    return lines
+
+
+def _stem_planes(c, k, s, p, w, b, out_hw, transpose: bool):
+    """The conv as one Slice per tap of the padded NCHW planes, a Concat, ``W @ cols``."""
+    node = helper.make_node
+    inits = {"pads": np.array([0, 0, p, p, 0, 0, p, p], np.int64),
+             "axes": np.array([2, 3], np.int64), "steps": np.array([s, s], np.int64),
+             "shape": np.array([k * k * c, out_hw * out_hw], np.int64),
+             "wt": w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1),
+             "bc": b.reshape(-1, 1)}
+    nodes, taps = [node("Pad", ["x", "pads"], ["xp"])], []
+    span = s * (out_hw - 1) + 1
+    for ky in range(k):
+        for kx in range(k):
+            inits[f"st{ky}_{kx}"] = np.array([ky, kx], np.int64)
+            inits[f"en{ky}_{kx}"] = np.array([ky + span, kx + span], np.int64)
+            nodes.append(node("Slice", ["xp", f"st{ky}_{kx}", f"en{ky}_{kx}", "axes", "steps"],
+                              [f"t{ky}_{kx}"]))
+            taps.append(f"t{ky}_{kx}")
+    nodes += [node("Concat", taps, ["cat"], axis=1), node("Reshape", ["cat", "shape"], ["cols"]),
+              node("MatMul", ["wt", "cols"], ["mm"]), node("Add", ["mm", "bc"], ["ab"]),
+              node("Relu", ["ab"], ["r"]),
+              node("Transpose", ["r"], ["y"], perm=[1, 0]) if transpose
+              else node("Identity", ["r"], ["y"])]
+    return nodes, inits
+
+
+def stem(repeat: int) -> list[str]:
+    lines = ["| C→M | H=W | kernel/stride | native ms | im2col / native | planes + Transpose / "
+             "native | planes (no Transpose) / native |", "|---|---:|---|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for c, m, hw, k, s, p in STEM_LAYERS:
+        out_hw = (hw + 2 * p - k) // s + 1
+        w = rng.standard_normal((m, c, k, k)).astype(np.float32)
+        b = rng.standard_normal(m).astype(np.float32)
+        x_in = [helper.make_tensor_value_info("x", F, [1, c, hw, hw])]
+        native = _model([helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k],
+                                          strides=[s, s], pads=[p] * 4),
+                         helper.make_node("Relu", ["c"], ["y"])], x_in, {"w": w, "b": b})
+        typed = onnx.shape_inference.infer_shapes(native)  # the input gate wants a typed output
+        native.graph.output[0].CopyFrom(typed.graph.output[0])
+        x = rng.random((1, c, hw, hw), dtype=np.float32)
+        ref = make_session(native).run(None, {"x": x})[0].reshape(m, -1)
+        models = [native, lowered(native, {})]
+        for transpose in (True, False):
+            nodes, inits = _stem_planes(c, k, s, p, w, b, out_hw, transpose)
+            models.append(_model(nodes, x_in, inits))
+        sessions = [make_session(mdl) for mdl in models]
+        got = sessions[2].run(None, {"x": x})[0]
+        assert np.allclose(got, ref.T, atol=1e-4), float(np.abs(got - ref.T).max())
+        ms = _interleaved([(sess, {"x": x}) for sess in sessions], repeat)
+        lines.append(f"| {c}→{m} | {hw} | {k}×{k}/{s} | {ms[0]:.3f} | {ms[1] / ms[0]:.2f} | "
+                     f"{ms[2] / ms[0]:.2f} | {ms[3] / ms[0]:.2f} |")
+    return lines
+
+
+EXPERIMENTS = {"gather": gather_blocks, "depthwise": depthwise, "grouped": grouped,
+               "dwslices": dwslices, "maxpool": maxpool, "residual": residual, "clip": clip,
+               "stem": stem}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=("gather", "depthwise", "grouped", "dwslices", "maxpool"),
-                    help="run one experiment")
+    ap.add_argument("--only", help="comma-separated experiments: " + ", ".join(EXPERIMENTS))
     ap.add_argument("--repeat", type=int, default=40, help="timed rounds (default 40)")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores; onnxruntime {info['onnxruntime']}; "
           f"{info['date']}; 1 thread, {args.repeat} interleaved rounds, medians")
-    for name, run in (("gather", gather_blocks), ("depthwise", depthwise),
-                      ("grouped", grouped), ("dwslices", dwslices), ("maxpool", maxpool)):
-        if args.only in (None, name):
+    only = args.only.split(",") if args.only else list(EXPERIMENTS)
+    unknown = set(only) - set(EXPERIMENTS)
+    if unknown:
+        ap.error(f"unknown experiment(s) {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    for name, run in EXPERIMENTS.items():
+        if name in only:
             print(f"\n{name}\n")
             print("\n".join(run(args.repeat)))
     return 0
