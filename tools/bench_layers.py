@@ -366,6 +366,18 @@ def _gemm_variants(variants: dict, m: int, k: int, n: int, repeat: int, extra_in
     return _interleaved(runs, repeat)
 
 
+def _gemm_table(variants: dict, layers, repeat: int, extra_input: bool) -> list[str]:
+    """A table row per ``(M, K, N)`` layer: the first variant's ms, the others' ratios to it."""
+    names = list(variants)
+    lines = [f"| M×K×N | {names[0]} ms | " + " | ".join(f"{v} / first" for v in names[1:]) + " |",
+             "|---|---:|" + "---:|" * (len(names) - 1)]
+    for m, k, n in layers:
+        ms = _gemm_variants(variants, m, k, n, repeat, extra_input=extra_input)
+        lines.append(f"| {m}×{k}×{n} | {ms[0]:.3f} | "
+                     + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |")
+    return lines
+
+
 def residual(repeat: int) -> list[str]:
     node = helper.make_node
     variants = {
@@ -378,14 +390,7 @@ def residual(repeat: int) -> list[str]:
         "MatMul + Add(R) + Relu": [node("MatMul", ["a", "w"], ["g"]),
                                    node("Add", ["g", "r"], ["s"]), node("Relu", ["s"], ["y"])],
     }
-    names = list(variants)
-    lines = [f"| M×K×N | {names[0]} ms | " + " | ".join(f"{v} / first" for v in names[1:]) + " |",
-             "|---|---:|" + "---:|" * (len(names) - 1)]
-    for m, k, n in RESIDUAL_LAYERS:
-        ms = _gemm_variants(variants, m, k, n, repeat, extra_input=True)
-        lines.append(f"| {m}×{k}×{n} | {ms[0]:.3f} | "
-                     + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |")
-    return lines
+    return _gemm_table(variants, RESIDUAL_LAYERS, repeat, extra_input=True)
 
 
 def clip(repeat: int) -> list[str]:
@@ -400,14 +405,7 @@ def clip(repeat: int) -> list[str]:
         "Relu": [gemm, node("Relu", ["g"], ["y"])],
         "none": [gemm, node("Identity", ["g"], ["y"])],
     }
-    names = list(variants)
-    lines = [f"| M×K×N | {names[0]} ms | " + " | ".join(f"{v} / Clip" for v in names[1:]) + " |",
-             "|---|---:|" + "---:|" * (len(names) - 1)]
-    for m, k, n in CLIP_LAYERS:
-        ms = _gemm_variants(variants, m, k, n, repeat, extra_input=False)
-        lines.append(f"| {m}×{k}×{n} | {ms[0]:.3f} | "
-                     + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |")
-    return lines
+    return _gemm_table(variants, CLIP_LAYERS, repeat, extra_input=False)
 
 
 def _stem_planes(c, k, s, p, w, b, out_hw, transpose: bool):
