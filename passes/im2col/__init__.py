@@ -28,7 +28,8 @@ grouped        grouped convs (batched per-group MatMul) and depthwise convs (Mul
 winograd       Winograd F(2,3)/F(4,3) convs as MatMuls, the per-conv cost model and numerics gate
 pools          MaxPool plans and tournaments, AveragePool, global pools
 elementwise    unary/binary ops, Concat, BatchNormalization, Gemm/MatMul
-fold           pass ``im2col-fold``: BatchNormalization and constant affines into conv weights
+fold           pass ``im2col-fold``: BatchNormalization and constant affines into conv weights,
+               and one bias per residual Add of two convs
 lowering       pass ``lower-im2col``: the driver, one mixin per family over ``LayoutCore``
 =============  ==================================================================================
 """
