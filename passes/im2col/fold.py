@@ -12,14 +12,16 @@ Conv's output (a ResNet downsample block: main path and projection shortcut), th
 conv moves to the other, so the lowered graph has ``MatMul(A, Wa)`` feeding the Add, which
 onnxruntime runs as one Gemm with the shortcut as ``C`` and the Relu fused (one pass), where
 ``Gemm(A, Wa, ba)`` + Add + Relu took three. Single 1×1 layer + residual + Relu, 1 thread:
-0.75-0.95× (BENCHMARKS.md "Epilogues"). The bias moves out of a 1×1 stride-1 conv if one
-is summed (it lowers to a single MatMul), else out of the conv with more MACs. An Add fed by
-one conv and an identity shortcut has nowhere to put the bias exactly (the block's input is
-also the next conv's input) and is left alone.
+0.81-0.94× (BENCHMARKS.md "Epilogues and the 3-channel stem"). The bias moves out of a 1×1
+stride-1 conv if one is summed (it lowers to a single MatMul), else out of the conv with more
+MACs. An Add fed by one conv and an identity shortcut has nowhere to put the bias exactly (the
+block's input is also the next conv's input) and is left alone.
 ``cost.RESIDUAL_BIAS_FOLD`` switches this off.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -109,6 +111,16 @@ def _affine_after(graph: gs.Graph, node: gs.Node, rank: int, channels: int):
     return None
 
 
+def _constant_params(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A conv's constant float ``(weight, bias or None)``, or None if either is computed."""
+    w = g.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    b = g.const_value(bias_t) if bias_t is not None else None
+    if w is None or (bias_t is not None and b is None) or w.dtype.kind != "f":
+        return None
+    return w, b
+
+
 @register_pass("im2col-fold")
 class Im2colFold(GraphPass):
     """Fold BatchNormalization and per-channel constant affines into Conv/ConvTranspose weights."""
@@ -128,11 +140,10 @@ class Im2colFold(GraphPass):
         return changed
 
     def _fold_once(self, graph: gs.Graph, node: gs.Node, model: LoweringModel) -> bool:
-        w = g.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        b = g.const_value(bias_t) if bias_t is not None else None
-        if w is None or (bias_t is not None and b is None) or w.dtype.kind != "f":
+        params = _constant_params(node)
+        if params is None:
             return False
+        w, b = params
         out = node.outputs[0]
         transpose = node.op == "ConvTranspose"
         group = int(g.attr(node, "group", 1))
@@ -160,12 +171,8 @@ def _conv_feeding(graph: gs.Graph, t: gs.Tensor, add: gs.Node):
         return None
     if single_consumer(graph, t) is not add:
         return None
-    w = g.const_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
-    bias_t = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    b = g.const_value(bias_t) if bias_t is not None else None
-    if w is None or w.dtype.kind != "f" or (bias_t is not None and b is None):
-        return None
-    return conv, w, b
+    params = _constant_params(conv)
+    return None if params is None else (conv, *params)
 
 
 def _gives_bias(conv: gs.Node, w: np.ndarray) -> tuple[bool, int]:
@@ -175,7 +182,7 @@ def _gives_bias(conv: gs.Node, w: np.ndarray) -> tuple[bool, int]:
     spatial = out[2:] if out and all(isinstance(d, int) for d in out[2:]) else []
     strides = g.attr(conv, "strides", None) or [1] * (w.ndim - 2)
     pointwise = all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides)
-    return pointwise, int(w.size * np.prod(spatial or [1]))
+    return pointwise, w.size * math.prod(spatial)
 
 
 def fold_residual_bias(graph: gs.Graph, add: gs.Node) -> bool:
@@ -193,12 +200,11 @@ def fold_residual_bias(graph: gs.Graph, add: gs.Node) -> bool:
     (conv_a, _, bias_a), (conv_b, w_b, bias_b) = a, b
     if bias_a is None or not np.any(bias_a):
         return False
-    m = w_b.shape[0]
     total = np.asarray(bias_a, np.float64)
     if bias_b is not None:
         total = total + np.asarray(bias_b, np.float64)
     namer = g.Namer(graph)
-    new_b = gs.Constant(namer(f"{conv_b.name}/residual_bias"), total.reshape(m).astype(w_b.dtype))
+    new_b = gs.Constant(namer(f"{conv_b.name}/residual_bias"), total.astype(w_b.dtype))
     conv_b.inputs = [*conv_b.inputs[:2], new_b]
     conv_a.inputs = list(conv_a.inputs[:2])
     return True
